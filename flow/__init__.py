@@ -1,0 +1,8 @@
+"""flow: a dependency-driven, stateless dataflow for medical image retrieval indices."""
+
+from flow.errors import ItemError
+from flow.keys import Key, key
+from flow.node import Blob, Items, Node, node
+
+__all__ = ["Blob", "ItemError", "Items", "Key", "Node", "key", "node"]
+__version__ = "0.1.0"
