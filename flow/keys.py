@@ -53,6 +53,7 @@ __all__ = [
     "canonical_bytes",
     "file_key",
     "item_key",
+    "items_key",
     "key",
     "register",
     "register_lazy",
@@ -142,7 +143,7 @@ def _dispatch(cls: type) -> Encoder:
         _lazy.pop(top)()
         _dispatch.cache_clear()
         return _dispatch(cls)
-    if dataclasses.is_dataclass(cls) and getattr(cls, "__dataclass_params__").frozen:
+    if dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen:
         return _encode_config
     raise TypeError(
         f"flow cannot key a value of type {cls.__module__}.{cls.__qualname__}: "
@@ -320,4 +321,18 @@ def file_key(path: str) -> Key:
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
+    return Key(h.digest(KEY_SIZE))
+
+
+_ITEMS_DOMAIN = b"flow-items-v1\x00"
+
+
+def items_key(ids: Iterable[str], ckeys: Iterable[bytes]) -> Key:
+    """The key of a set of items as a set node sees it: ids and content keys, in order."""
+    h = blake3(_ITEMS_DOMAIN)
+    for i, c in zip(ids, ckeys, strict=True):
+        raw = i.encode("utf-8")
+        h.update(struct.pack("<I", len(raw)))
+        h.update(raw)
+        h.update(c)
     return Key(h.digest(KEY_SIZE))

@@ -1,0 +1,679 @@
+"""Scheduling: run what the planner found stale, on Dask, in batches and waves.
+
+Policy
+------
+A build alternates planning and running, phase by phase (see
+:func:`flow.graph.phases`):
+
+1. plan the whole graph (pure, fast: no array I/O);
+2. for the next phase whose item steps have work, cut the items that need
+   any of its steps into batches and send each batch as **one task** that
+   runs it through every item step of the phase (:func:`flow.worker.run_chain`);
+3. run the phase's stale set steps, one task each (:func:`flow.worker.run_set`);
+4. fold the manifests the tasks return into the catalogs and plan again --
+   early cutoff falls out of this: downstream recipe keys are derived from
+   the content keys just produced, and are often already stored.
+
+Tasks are submitted in **waves**: at most ``2 x workers + 1`` are in flight
+and the next is submitted as one finishes, so a million items never make a
+million-task graph -- a Dask task per batch, never per image.  Workers read
+their inputs from the store and write their outputs to it themselves; only
+small manifests travel back to the client.
+
+State
+-----
+The client keeps only what the store already says (catalogs) plus the
+manifests of tasks finished in this build.  Killing it at any moment loses
+nothing that was published: the next build plans against the store and
+computes only what is missing.
+
+Executors
+---------
+One engine, thin front-ends: ``sync`` runs each task in the calling thread
+(debugging, tests), ``threads`` on a thread pool, ``local`` on a local
+``dask.distributed`` cluster (the default; the dashboard link is printed),
+and ``tcp://host:port`` / ``tls://...`` on an existing scheduler.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flow.errors import FlowError
+from flow.graph import Graph, Step, phases, toposort
+from flow.plan import ItemTable, Plan, Status, plan
+from flow.worker import ChainItem, ChainStep, Context, run_chain, run_set
+
+__all__ = ["BuildReport", "Executor", "build", "get_executor"]
+
+
+# --------------------------------------------------------------------------
+# executors
+
+
+class Executor:
+    """Submit functions, wait for any to finish.  ``n_workers`` sizes batches."""
+
+    n_workers: int = 1
+    dashboard: str | None = None
+    name: str = "executor"
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def wait_any(self, futures: set) -> tuple[set, set]:
+        done, pending = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+        return set(done), set(pending)
+
+    def result(self, future: Any) -> Any:
+        return future.result()
+
+    def cancel(self, futures: Iterable) -> None:
+        for f in futures:
+            f.cancel()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SyncExecutor(Executor):
+    """Runs every task at once in the caller's thread (for debugging and tests)."""
+
+    name = "sync"
+
+    def submit(self, fn: Callable, *args: Any) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            fut.set_exception(e)
+        return fut
+
+
+class ThreadExecutor(Executor):
+    name = "threads"
+
+    def __init__(self, n_workers: int | None = None):
+        self.n_workers = n_workers or os.cpu_count() or 1
+        self._pool = cf.ThreadPoolExecutor(self.n_workers, thread_name_prefix="flow")
+
+    def submit(self, fn: Callable, *args: Any) -> cf.Future:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskExecutor(Executor):
+    """A dask.distributed client: a local cluster, or an existing scheduler."""
+
+    name = "dask"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        n_workers: int | None = None,
+        security: Any = None,
+        retries: int = 2,
+        cluster: Any = None,
+    ):
+        import logging
+
+        from distributed import Client, LocalCluster
+
+        self.retries = retries
+        self._cluster = None
+        if cluster is not None:
+            self.client = Client(cluster, security=security)
+        elif address is None:
+            n = n_workers or os.cpu_count() or 1
+            self._cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
+            self.client = Client(self._cluster)
+        else:
+            self.client = Client(address, security=security, timeout="30s")
+        self.dashboard = getattr(self.client, "dashboard_link", None)
+        self.name = "local" if address is None and cluster is None else str(address or cluster)
+
+    @property
+    def n_workers(self) -> int:  # type: ignore[override]
+        try:
+            info = self.client.scheduler_info(n_workers=-1)
+            return max(1, sum(w.get("nthreads", 1) for w in info["workers"].values()))
+        except Exception:
+            return 1
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False, retries=self.retries)
+
+    def wait_any(self, futures: set) -> tuple[set, set]:
+        from distributed import wait
+
+        res = wait(list(futures), return_when="FIRST_COMPLETED")
+        return set(res.done), set(res.not_done)
+
+    def cancel(self, futures: Iterable) -> None:
+        futures = list(futures)
+        if futures:
+            self.client.cancel(futures)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self._cluster is not None:
+                self._cluster.close()
+
+
+def get_executor(scheduler: str = "local", workers: int | None = None, **kw: Any) -> Executor:
+    """``sync``, ``threads``, ``local`` (a local Dask cluster) or a scheduler address."""
+    if scheduler == "sync":
+        return SyncExecutor()
+    if scheduler == "threads":
+        return ThreadExecutor(workers)
+    if scheduler in ("local", "distributed"):
+        return DaskExecutor(None, workers, **kw)
+    if "://" in scheduler:
+        return DaskExecutor(scheduler, workers, **kw)
+    raise FlowError(
+        f"unknown scheduler {scheduler!r}: use sync, threads, local or tcp://host:port"
+    )
+
+
+# --------------------------------------------------------------------------
+# the build
+
+
+@dataclass
+class StepReport:
+    computed: int = 0
+    reused: int = 0  # early cutoff: recomputed upstream, same content, stored already
+    failed: int = 0
+    seconds: float = 0.0  # summed task time
+    tasks: int = 0
+
+
+@dataclass
+class Failure:
+    step: str
+    id: str
+    type: str
+    reason: str
+    traceback: str = ""
+    new: bool = True  # failed in this build (False: recorded by an earlier one)
+
+
+@dataclass
+class BuildReport:
+    before: Plan
+    after: Plan
+    steps: dict[str, StepReport] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    executor: str = ""
+    dashboard: str | None = None
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and self.after.done and not self.interrupted
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "executor": self.executor,
+            "steps": {k: asdict(v) for k, v in self.steps.items()},
+            "failures": [asdict(f) for f in self.failures],
+            "before": self.before.summary(),
+            "after": self.after.summary(),
+        }
+
+
+@dataclass
+class Sources:
+    """Where workers find each source's values: per item for ``files`` and
+    ``values`` sources (``("file", path, key)`` / ``("value", v)``), one ref
+    for ``file`` sources."""
+
+    refs: dict[str, list]
+    one: dict[str, tuple] = field(default_factory=dict)
+
+
+class _Progress:
+    """One progress bar per step (tqdm, on stderr; quiet when not a terminal)."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+
+    def start(self, name: str, total: int, unit: str = "item") -> None:
+        if self.enabled is False:
+            return
+        from tqdm.auto import tqdm
+
+        self.bars[name] = tqdm(
+            total=total,
+            desc=f"{name:>14}",
+            unit=unit,
+            leave=True,
+            disable=None if self.enabled is None else not self.enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def update(self, name: str, n: int) -> None:
+        bar = self.bars.get(name)
+        if bar is not None:
+            bar.update(n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def _recipe(step: Step) -> Any:
+    from store.packs import Recipe
+
+    assert step.node is not None
+    return Recipe(
+        node=step.node.name,
+        step=step.name,
+        version=step.node.version,
+        fingerprint=step.node.fingerprint,
+        params=asdict(step.params),
+        prefix=step.prefix.hex(),
+    )
+
+
+def _batch_size(steps: list[Step], n_work: int, n_workers: int, override: int | None) -> int:
+    if override:
+        return override
+    auto = math.ceil(n_work / max(1, 4 * n_workers))
+    size = max(16, min(1000, auto))
+    hints = [s.node.batch_size for s in steps if s.node is not None and s.node.batch_size]
+    if hints and not any(s.node.batched for s in steps if s.node is not None):
+        size = min(size, min(hints))
+    return size
+
+
+class Builder:
+    """Runs one build: plan, execute phase by phase, re-plan (see the module doc)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        items: ItemTable,
+        sources: Sources,
+        store: Any,
+        executor: Executor,
+        *,
+        retry_failed: bool = False,
+        fail_fast: bool = False,
+        progress: bool | None = None,
+        batch_size: int | None = None,
+        storage_options: dict | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        from store.catalog import ObjectCatalog, load_catalog
+
+        self.graph, self.items, self.sources = graph, items, sources
+        self.store, self.executor = store, executor
+        self.retry_failed, self.fail_fast = retry_failed, fail_fast
+        self.progress = _Progress(progress)
+        self.batch_override = batch_size
+        self.log = log or (lambda msg: None)
+        self.ctx = Context(store.url, tuple(sorted((storage_options or {}).items())))
+        nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
+        nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
+        self.catalogs = {n: load_catalog(store, n) for n in sorted(nodes_item)}
+        self.objects = {n: ObjectCatalog(store, n) for n in sorted(nodes_set)}
+        self.report: BuildReport | None = None
+        self._failures: list[Failure] = []
+        self._stop = False
+
+    def plan(self, reasons: bool = False) -> Plan:
+        return plan(
+            self.graph,
+            self.items,
+            self.catalogs,
+            self.objects,
+            retry_failed=self.retry_failed,
+            reasons=reasons,
+        )
+
+    # -- item phases --------------------------------------------------------------
+
+    def _chain_tasks(self, p: Plan, chain: list[str]) -> tuple[list[ChainStep], list, list]:
+        """Static parts of a phase's tasks: steps with wires, the 'one' inputs."""
+        ext_names: list[str] = []
+        one_names: list[str] = []
+        steps = []
+        for name in chain:
+            st = self.graph[name]
+            wires = []
+            for inp in st.inputs:
+                if inp.mode == "one":
+                    if inp.step not in one_names:
+                        one_names.append(inp.step)
+                    wires.append(("one", one_names.index(inp.step)))
+                elif inp.step in chain:
+                    wires.append(("chain", inp.step))
+                else:
+                    if inp.step not in ext_names:
+                        ext_names.append(inp.step)
+                    wires.append(("ext", ext_names.index(inp.step)))
+            assert st.node is not None
+            steps.append(
+                ChainStep(name, st.node, asdict(st.params), bytes(st.prefix), tuple(wires),
+                          _recipe(st))  # fmt: skip
+            )
+        ones = []
+        for name in one_names:
+            up = self.graph[name]
+            sp = p.steps[name]
+            if up.kind == "source":
+                ones.append((sp.ckeys[0], self.sources.one[name]))
+            else:
+                ones.append((sp.ckeys[0], ("object", up.node_name, sp.rkeys[0])))
+        return steps, ext_names, ones
+
+    def _ext_entry(self, p: Plan, name: str, i: int) -> tuple | None:
+        sp = p.steps[name]
+        if sp.status[i] != Status.FRESH:
+            return None
+        up = self.graph[name]
+        if up.kind == "source":
+            return (sp.ckeys[i], self.sources.refs[name][i])
+        cat = self.catalogs[up.node_name]
+        row = cat.index[sp.rkeys[i]]  # type: ignore[index]
+        pack, pos = cat.location(row)
+        return (sp.ckeys[i], ("pack", up.node_name, pack, pos))
+
+    def _chain_item(self, p: Plan, chain: list[str], ext_names: list[str], i: int) -> ChainItem:
+        item_id = self.items.ids[i]
+        known: list[dict] = []
+        failed: list[set] = []
+        for name in chain:
+            sp = p.steps[name]
+            cat = self.catalogs[self.graph[name].node_name]
+            st = sp.status[i]
+            k: dict = {}
+            f: set = set()
+            if st == Status.FRESH:
+                row = cat.index[sp.rkeys[i]]  # type: ignore[index]
+                k[sp.rkeys[i]] = (sp.ckeys[i], *cat.location(row))
+            elif st == Status.FAILED:
+                f.add(sp.rkeys[i])
+            elif st == Status.PENDING:
+                for row in cat.rows_for(name, item_id):
+                    k[cat.rkeys[row].tobytes()] = (cat.ckey(row), *cat.location(row))
+                f.update(cat.failed_for(name, item_id))
+            known.append(k)
+            failed.append(f)
+        ext = [self._ext_entry(p, name, i) for name in ext_names]
+        return ChainItem(item_id, ext, known, failed)
+
+    def _run_item_phase(self, p: Plan, chain: list[str]) -> None:
+        work = sorted(
+            {
+                i
+                for name in chain
+                for i, s in enumerate(p.steps[name].status)
+                if s in (Status.MISSING, Status.PENDING)
+            }
+        )
+        if not work:
+            return
+        steps, ext_names, ones = self._chain_tasks(p, chain)
+        size = _batch_size([self.graph[c] for c in chain], len(work),
+                           self.executor.n_workers, self.batch_override)  # fmt: skip
+        batches = [work[lo : lo + size] for lo in range(0, len(work), size)]
+        for name in chain:
+            self.progress.start(name, len(work))
+        self.log(
+            f"phase {', '.join(chain)}: {len(work)} items in {len(batches)} tasks of <= {size}"
+        )
+        max_in_flight = 2 * self.executor.n_workers + 1
+        in_flight: dict[Any, list[int]] = {}
+        queue = list(batches)
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < max_in_flight and not self._stop:
+                    batch = queue.pop(0)
+                    items = [self._chain_item(p, chain, ext_names, i) for i in batch]
+                    fut = self.executor.submit(run_chain, self.ctx, steps, items, ones,
+                                               self.retry_failed)  # fmt: skip
+                    in_flight[fut] = batch
+                if not in_flight:
+                    break
+                done, _ = self.executor.wait_any(set(in_flight))
+                for fut in done:
+                    batch = in_flight.pop(fut)
+                    self._collect_chain(fut, batch, chain)
+        except BaseException:
+            self.executor.cancel(in_flight)
+            raise
+
+    def _collect_chain(self, fut: Any, batch: list[int], chain: list[str]) -> None:
+        assert self.report is not None
+        try:
+            res = self.executor.result(fut)
+        except Exception as e:
+            for name in chain:
+                self.progress.update(name, len(batch))
+            self._failures.append(
+                Failure(chain[0], f"<{len(batch)} items>", type(e).__name__,
+                        f"task failed: {e}")  # fmt: skip
+            )
+            if self.fail_fast:
+                self._stop = True
+            return
+        for m in res.manifests:
+            self.catalogs[m["node"]]._add_manifests([m])
+            for f in m.get("failures", []):
+                self._failures.append(
+                    Failure(m["step"], f["id"], f["type"], f["reason"], f.get("traceback", ""))
+                )
+                if self.fail_fast:
+                    self._stop = True
+        for name in chain:
+            r = self.report.steps.setdefault(name, StepReport())
+            r.computed += res.computed.get(name, 0)
+            r.reused += res.reused.get(name, 0)
+            r.failed += res.failed.get(name, 0)
+            r.seconds += res.seconds.get(name, 0.0)
+            r.tasks += 1
+            self.progress.update(name, len(batch))
+
+    # -- set steps --------------------------------------------------------------
+
+    def _set_inputs(self, p: Plan, name: str) -> tuple[list[tuple], list[bytes]]:
+        from flow.keys import items_key
+
+        st = self.graph[name]
+        sp = p.steps[name]
+        inputs, digests = [], []
+        for inp in st.inputs:
+            up = self.graph[inp.step]
+            usp = p.steps[inp.step]
+            if inp.mode == "one":
+                if up.kind == "source":
+                    ref = self.sources.one[inp.step]
+                else:
+                    ref = ("object", up.node_name, usp.rkeys[0])
+                inputs.append(("one", usp.ckeys[0], ref))
+                digests.append(usp.ckeys[0])
+                continue
+            rows = sp.members[inp.step]
+            ids = [self.items.ids[i] for i in rows]
+            ckeys = [usp.ckeys[i] for i in rows]
+            refs = [self._ext_entry(p, inp.step, i)[1] for i in rows]  # type: ignore[index]
+            inputs.append(("all", ids, ckeys, refs))
+            digests.append(items_key(ids, ckeys))
+        return inputs, digests
+
+    def _run_set_steps(self, set_steps: list[str]) -> Plan:
+        assert self.report is not None
+        p = self.plan()
+        while True:
+            ready = [n for n in set_steps if p.steps[n].status[0] == Status.MISSING]
+            if not ready or self._stop:
+                return p
+            futs = {}
+            for name in ready:
+                st = self.graph[name]
+                inputs, digests = self._set_inputs(p, name)
+                n_in = sum(len(i[1]) for i in inputs if i[0] == "all")
+                self.log(f"{name}: fitting over {n_in} items")
+                self.progress.start(name, 1, unit="fit")
+                chain_step = ChainStep(name, st.node, asdict(st.params), bytes(st.prefix),
+                                       (), _recipe(st))  # type: ignore[arg-type]  # fmt: skip
+                futs[self.executor.submit(run_set, self.ctx, chain_step, inputs, digests)] = name
+            pending = set(futs)
+            try:
+                while pending:
+                    done, pending = self.executor.wait_any(pending)
+                    for fut in done:
+                        name = futs[fut]
+                        r = self.report.steps.setdefault(name, StepReport())
+                        r.tasks += 1
+                        self.progress.update(name, 1)
+                        try:
+                            m = self.executor.result(fut)
+                        except Exception as e:
+                            self._failures.append(
+                                Failure(name, "<set>", type(e).__name__, f"task failed: {e}")
+                            )
+                            r.failed += 1
+                            self._stop = self._stop or self.fail_fast
+                            continue
+                        st = self.graph[name]
+                        self.objects[st.node_name].add(bytes.fromhex(m["rkey"]), m)
+                        r.seconds += m.get("seconds", 0.0)
+                        if "failure" in m:
+                            r.failed += 1
+                            f = m["failure"]
+                            self._failures.append(
+                                Failure(name, "<set>", f["type"], f["reason"], f.get("traceback"))
+                            )
+                            self._stop = self._stop or self.fail_fast
+                        else:
+                            r.computed += 1
+            except BaseException:
+                self.executor.cancel(pending)
+                raise
+            p = self.plan()
+
+    # -- the whole build ----------------------------------------------------------
+
+    def run(self) -> BuildReport:
+        t0 = time.perf_counter()
+        before = self.plan(reasons=True)
+        self.report = BuildReport(
+            before, before, executor=self.executor.name, dashboard=self.executor.dashboard
+        )
+        p = before
+        try:
+            for item_steps, set_steps in phases(self.graph):
+                if self._stop:
+                    break
+                if item_steps and any(not p.steps[n].done for n in item_steps):
+                    self._run_item_phase(p, item_steps)
+                    p = self.plan()
+                if set_steps:
+                    p = self._run_set_steps(set_steps)
+        except KeyboardInterrupt:
+            self.report.interrupted = True
+        finally:
+            self.progress.close()
+        after = self.plan()
+        self.report.after = after
+        self.report.failures = self._failures + self._old_failures(after)
+        self.report.seconds = time.perf_counter() - t0
+        return self.report
+
+    def _old_failures(self, p: Plan) -> list[Failure]:
+        """Failures recorded by earlier builds that this build's targets still hit."""
+        from store.packs import loads
+
+        new = {(f.step, f.id) for f in self._failures}
+        out: list[Failure] = []
+        docs: dict[tuple[str, str], dict] = {}
+        for name in toposort(self.graph):
+            st = self.graph[name]
+            sp = p.steps[name]
+            if st.kind == "source":
+                errs = self.items.source_errors.get(name, {})
+                for i, s in enumerate(sp.status):
+                    if s == Status.BLOCKED and i in errs:
+                        out.append(Failure(name, self.items.ids[i], "SourceError", errs[i],
+                                           new=False))  # fmt: skip
+                continue
+            for i, s in enumerate(sp.status):
+                if s != Status.FAILED:
+                    continue
+                item_id = self.items.ids[i] if st.kind == "item" else "<set>"
+                if (name, item_id) in new:
+                    continue
+                if st.kind == "set":
+                    obj = self.objects[st.node_name].get(sp.rkeys[i])  # type: ignore[arg-type]
+                    f = obj.manifest.get("failure", {}) if obj else {}
+                    out.append(Failure(name, item_id, f.get("type", "?"), f.get("reason", "?"),
+                                       new=False))  # fmt: skip
+                    continue
+                cat = self.catalogs[st.node_name]
+                pk = cat.failed.get(sp.rkeys[i])  # type: ignore[arg-type]
+                if pk is None:
+                    continue
+                pack_id = cat.packs[pk].id
+                doc = docs.get((st.node_name, pack_id))
+                if doc is None:
+                    where = f"packs/{st.node_name}/{pack_id}.json"
+                    doc = docs[(st.node_name, pack_id)] = loads(self.store.get(where), where)
+                rk = sp.rkeys[i].hex()  # type: ignore[union-attr]
+                for f in doc.get("failures", []):
+                    if f["rkey"] == rk:
+                        out.append(Failure(name, item_id, f["type"], f["reason"],
+                                           f.get("traceback", ""), new=False))  # fmt: skip
+                        break
+        return out
+
+
+def build(
+    graph: Graph,
+    items: ItemTable,
+    sources: Sources,
+    store: Any,
+    executor: Executor | None = None,
+    **kw: Any,
+) -> BuildReport:
+    """Build every step of ``graph`` over ``items`` into ``store`` (see :class:`Builder`)."""
+    own = executor is None
+    ex = executor or SyncExecutor()
+    try:
+        return Builder(graph, items, sources, store, ex, **kw).run()
+    finally:
+        if own:
+            ex.close()

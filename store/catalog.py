@@ -1,0 +1,366 @@
+"""The catalog: which recipe keys a store holds for a node, without opening objects.
+
+Planning needs, for every item of every step, "is this recipe key stored,
+and what is its content key?" -- at 100k items, in well under a second.  A
+pack manifest lists its items' keys, so the catalog of a node is the union
+of its manifests.  Reading every manifest at every build would still be slow
+on object storage, so the union is cached in ``cache/catalog/<node>.npz``:
+
+* the cache is never the only copy of anything -- it is rebuilt from the
+  manifests, and on every load it is reconciled with one listing of
+  ``packs/<node>/`` (manifests added since are read and merged; packs that
+  were collected are dropped);
+* it is written atomically, and two builds that write it at once each write
+  a valid cache (any one of them is a correct subset after reconciliation).
+
+Failed items are cataloged too (their recipe key and pack), so that a build
+doesn't retry a deterministic failure unless asked to.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flow.errors import CorruptObject
+from flow.keys import KEY_SIZE
+from flow.plan import Previous, params_json
+from store.abc import Store
+from store.packs import loads
+
+_CACHE_VERSION = 2
+
+
+def _hexcat_to_rows(hexcat: str) -> np.ndarray:
+    raw = bytes.fromhex(hexcat)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, KEY_SIZE)
+
+
+@dataclass
+class PackInfo:
+    """The node-level part of a pack's manifest (kept in the catalog)."""
+
+    id: str
+    step: str
+    prefix: str
+    version: str
+    fingerprint: str
+    params: str  # JSON of the params, for "params changed" reasons
+    created: float
+
+
+@dataclass
+class Catalog:
+    """Everything the store holds for one node, as plain arrays.
+
+    Row ``i`` is one stored item: ``rkeys[i]`` (recipe key), ``ckeys[i]``
+    (content key), ``pack[i]`` (index into ``packs``), ``pos[i]`` (position in
+    that pack), ``ids[i]`` (item id) and ``inputs[i]`` (hex of its input keys).
+    ``failed`` maps recipe keys of failed items to their pack index.
+    """
+
+    node: str
+    packs: list[PackInfo] = field(default_factory=list)
+    rkeys: np.ndarray = field(default_factory=lambda: np.zeros((0, KEY_SIZE), np.uint8))
+    ckeys: np.ndarray = field(default_factory=lambda: np.zeros((0, KEY_SIZE), np.uint8))
+    pack: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    ids: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    failed_rkeys: np.ndarray = field(default_factory=lambda: np.zeros((0, KEY_SIZE), np.uint8))
+    failed_pack: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    failed_ids: list[str] = field(default_factory=list)
+    _index: dict | None = None
+    _failed_index: dict | None = None
+    _latest: dict | None = None
+    _by_id: dict | None = None
+    _failed_by_id: dict | None = None
+
+    # -- lookups --------------------------------------------------------------
+
+    @property
+    def index(self) -> dict[bytes, int]:
+        """Recipe key -> row (the first stored copy wins)."""
+        if self._index is None:
+            raw = self.rkeys.tobytes()
+            n = len(self.rkeys)
+            idx: dict[bytes, int] = {}
+            for i in range(n - 1, -1, -1):  # reversed so the first copy wins
+                idx[raw[i * KEY_SIZE : (i + 1) * KEY_SIZE]] = i
+            self._index = idx
+        return self._index
+
+    @property
+    def failed(self) -> dict[bytes, int]:
+        """Recipe key of a failed item -> pack index of its failure record."""
+        if self._failed_index is None:
+            raw = self.failed_rkeys.tobytes()
+            self._failed_index = {
+                raw[i * KEY_SIZE : (i + 1) * KEY_SIZE]: int(self.failed_pack[i])
+                for i in range(len(self.failed_rkeys))
+            }
+        return self._failed_index
+
+    def previous(self, step: str, item_id: str) -> Previous | None:
+        """The newest stored recipe of ``item_id`` in ``step`` (for stale reasons)."""
+        if self._latest is None:
+            latest: dict[tuple[str, str], int] = {}
+            steps = [p.step for p in self.packs]
+            for row, (pk, iid) in enumerate(zip(self.pack.tolist(), self.ids)):
+                latest[(steps[pk], iid)] = row  # rows are in pack creation order
+            self._latest = latest
+        row = self._latest.get((step, item_id))
+        if row is None:
+            return None
+        p = self.packs[int(self.pack[row])]
+        return Previous(p.version, p.fingerprint, p.params, self.inputs[row])
+
+    def rows_for(self, step: str, item_id: str) -> list[int]:
+        """Stored rows of ``item_id`` in ``step`` (candidates for early cutoff)."""
+        if self._by_id is None:
+            by: dict[tuple[str, str], list[int]] = {}
+            steps = [p.step for p in self.packs]
+            for row, (pk, iid) in enumerate(zip(self.pack.tolist(), self.ids)):
+                by.setdefault((steps[pk], iid), []).append(row)
+            self._by_id = by
+        return self._by_id.get((step, item_id), [])
+
+    def failed_for(self, step: str, item_id: str) -> set[bytes]:
+        """Recipe keys of recorded failures of ``item_id`` in ``step``."""
+        if self._failed_by_id is None:
+            by: dict[tuple[str, str], set[bytes]] = {}
+            steps = [p.step for p in self.packs]
+            for i, (pk, iid) in enumerate(zip(self.failed_pack.tolist(), self.failed_ids)):
+                by.setdefault((steps[pk], iid), set()).add(self.failed_rkeys[i].tobytes())
+            self._failed_by_id = by
+        return self._failed_by_id.get((step, item_id), set())
+
+    def ckey(self, row: int) -> bytes:
+        return self.ckeys[row].tobytes()
+
+    def location(self, row: int) -> tuple[str, int]:
+        return self.packs[int(self.pack[row])].id, int(self.pos[row])
+
+    def __len__(self) -> int:
+        return len(self.rkeys)
+
+    # -- merging ----------------------------------------------------------------
+
+    def _add_manifests(self, docs: list[dict]) -> None:
+        rk, ck, pk, ps, frk, fpk = [self.rkeys], [self.ckeys], [self.pack], [self.pos], [
+            self.failed_rkeys
+        ], [self.failed_pack]
+        for doc in docs:
+            p = len(self.packs)
+            self.packs.append(
+                PackInfo(
+                    id=doc["id"],
+                    step=doc["step"],
+                    prefix=doc["prefix"],
+                    version=str(doc["version"]),
+                    fingerprint=doc["fingerprint"],
+                    params=_params_json(doc["params"]),
+                    created=float(doc["created"]),
+                )
+            )
+            n = doc["n"]
+            if n:
+                rk.append(_hexcat_to_rows(doc["rkeys"]))
+                ck.append(_hexcat_to_rows(doc["ckeys"]))
+                pk.append(np.full(n, p, np.int32))
+                ps.append(np.arange(n, dtype=np.int32))
+                self.ids.extend(doc["ids"])
+                self.inputs.extend(doc["inputs"])
+            fails = doc.get("failures") or []
+            if fails:
+                frk.append(_hexcat_to_rows("".join(f["rkey"] for f in fails)))
+                fpk.append(np.full(len(fails), p, np.int32))
+                self.failed_ids.extend(f["id"] for f in fails)
+        self.rkeys, self.ckeys = np.concatenate(rk), np.concatenate(ck)
+        self.pack, self.pos = np.concatenate(pk), np.concatenate(ps)
+        self.failed_rkeys, self.failed_pack = np.concatenate(frk), np.concatenate(fpk)
+        self._index = self._failed_index = self._latest = self._by_id = None
+        self._failed_by_id = None
+
+    def _keep_packs(self, keep: set[str]) -> None:
+        """Drop the rows of packs not in ``keep`` (they were collected)."""
+        old = self.packs
+        mapping = np.full(len(old) + 1, -1, np.int32)
+        new_packs = []
+        for i, p in enumerate(old):
+            if p.id in keep:
+                mapping[i] = len(new_packs)
+                new_packs.append(p)
+        rows = mapping[self.pack] >= 0
+        self.packs = new_packs
+        self.rkeys, self.ckeys = self.rkeys[rows], self.ckeys[rows]
+        self.pack, self.pos = mapping[self.pack[rows]], self.pos[rows]
+        self.ids = [x for x, k in zip(self.ids, rows) if k]
+        self.inputs = [x for x, k in zip(self.inputs, rows) if k]
+        frows = mapping[self.failed_pack] >= 0
+        self.failed_rkeys = self.failed_rkeys[frows]
+        self.failed_pack = mapping[self.failed_pack[frows]]
+        self.failed_ids = [x for x, k in zip(self.failed_ids, frows) if k]
+        self._index = self._failed_index = self._latest = self._by_id = None
+        self._failed_by_id = None
+
+    # -- cache ------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            version=np.array(_CACHE_VERSION),
+            rkeys=self.rkeys,
+            ckeys=self.ckeys,
+            pack=self.pack,
+            pos=self.pos,
+            ids=np.array(self.ids, dtype=str),
+            inputs=np.array(self.inputs, dtype=str),
+            failed_rkeys=self.failed_rkeys,
+            failed_pack=self.failed_pack,
+            failed_ids=np.array(self.failed_ids, dtype=str),
+            packs=np.array(
+                [
+                    [p.id, p.step, p.prefix, p.version, p.fingerprint, p.params, repr(p.created)]
+                    for p in self.packs
+                ],
+                dtype=str,
+            ).reshape(-1, 7),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, node: str, data: bytes) -> Catalog:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if int(z["version"]) != _CACHE_VERSION:
+                raise ValueError("old catalog cache")
+            packs = [
+                PackInfo(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6])) for r in z["packs"]
+            ]
+            return cls(
+                node=node,
+                packs=packs,
+                rkeys=z["rkeys"].reshape(-1, KEY_SIZE),
+                ckeys=z["ckeys"].reshape(-1, KEY_SIZE),
+                pack=z["pack"],
+                pos=z["pos"],
+                ids=z["ids"].tolist(),
+                inputs=z["inputs"].tolist(),
+                failed_rkeys=z["failed_rkeys"].reshape(-1, KEY_SIZE),
+                failed_pack=z["failed_pack"],
+                failed_ids=z["failed_ids"].tolist(),
+            )
+
+
+def _params_json(params: dict) -> str:
+    return params_json(params)
+
+
+def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalog:
+    """The catalog of ``node``, reconciled with the store's current listing."""
+    cache_path = f"cache/catalog/{node}.npz"
+    try:
+        cat = Catalog.from_bytes(node, store.get(cache_path))
+    except (FileNotFoundError, ValueError, KeyError, OSError):
+        cat = Catalog(node)
+    listing = store.list(f"packs/{node}")
+    present = {n[:-5] for n in listing if n.endswith(".json")}
+    known = {p.id for p in cat.packs}
+    changed = False
+    if known - present:
+        cat._keep_packs(present)
+        changed = True
+    new = sorted(present - known)
+    if new:
+        docs = _read_manifests(store, node, new)
+        cat._add_manifests(sorted(docs, key=lambda d: (d["created"], d["id"])))
+        changed = True
+    if changed and write_cache:
+        try:
+            store.put(cache_path, cat.to_bytes())
+        except OSError:
+            pass  # a cache we couldn't write is only a slower next load
+    return cat
+
+
+def _read_manifests(store: Store, node: str, ids: list[str]) -> list[dict]:
+    def one(pid: str) -> dict | None:
+        where = f"packs/{node}/{pid}.json"
+        try:
+            return loads(store.get(where), where)
+        except FileNotFoundError:
+            return None  # collected between listing and reading
+        except CorruptObject:
+            return None  # reported by `flow verify`; its items count as missing
+
+    if len(ids) > 8:
+        with ThreadPoolExecutor(8) as ex:
+            docs = list(ex.map(one, ids))
+    else:
+        docs = [one(i) for i in ids]
+    return [d for d in docs if d is not None]
+
+
+@dataclass
+class ObjectState:
+    ckey: bytes | None
+    failed: bool
+    manifest: dict
+
+
+class ObjectCatalog:
+    """The set outputs of one node: looked up by recipe key, one manifest each."""
+
+    def __init__(self, store: Store, node: str):
+        self.store = store
+        self.node = node
+        self._cache: dict[bytes, ObjectState | None] = {}
+        self._all: list[dict] | None = None
+
+    def get(self, rkey: bytes) -> ObjectState | None:
+        if rkey not in self._cache:
+            where = f"objects/{self.node}/{bytes(rkey).hex()}.json"
+            try:
+                doc = loads(self.store.get(where), where)
+            except (FileNotFoundError, CorruptObject):
+                self._cache[rkey] = None
+            else:
+                self._cache[rkey] = _object_state(doc)
+        return self._cache[rkey]
+
+    def add(self, rkey: bytes, manifest: dict) -> None:
+        """Record an object this process just wrote."""
+        self._cache[rkey] = _object_state(manifest)
+        self._all = None
+
+    def manifests(self) -> list[dict]:
+        """Every object manifest of the node, oldest first."""
+        if self._all is None:
+            names = [n for n in self.store.list(f"objects/{self.node}") if n.endswith(".json")]
+            docs = []
+            for n in names:
+                where = f"objects/{self.node}/{n}"
+                try:
+                    docs.append(loads(self.store.get(where), where))
+                except (FileNotFoundError, CorruptObject):
+                    continue
+            self._all = sorted(docs, key=lambda d: d["created"])
+        return self._all
+
+    def previous(self, step: str) -> Previous | None:
+        for doc in reversed(self.manifests()):
+            if doc.get("step") == step:
+                return Previous(
+                    str(doc["version"]), doc["fingerprint"], _params_json(doc["params"]),
+                    doc.get("inputs", ""),
+                )  # fmt: skip
+        return None
+
+
+def _object_state(doc: dict) -> ObjectState:
+    failed = "failure" in doc
+    return ObjectState(None if failed else bytes.fromhex(doc["ckey"]), failed, doc)

@@ -1,0 +1,510 @@
+"""Packs and objects: how node outputs sit in the store.
+
+Per-item outputs are written in **packs**: one pack per executed batch, many
+items per zarr array, so a million images are a few thousand files, not a
+million.  Set-node outputs (a vocabulary, a model, an index) are **objects**,
+one per recipe key.  Layout under the store root::
+
+    packs/<node>/<pack-id>/<field>        zarr v3 arrays (stacked or ragged)
+    packs/<node>/<pack-id>.json           the manifest, written last
+    objects/<node>/<rkey>/<payload-id>/   zarr arrays and ``<field>.blob`` files
+    objects/<node>/<rkey>.json            the manifest, written last
+
+A pack or object exists when, and only when, its manifest exists: the
+manifest is published atomically after every array it names is written, so
+a writer killed at any point leaves only files nothing refers to (``flow gc``
+removes them).  Pack and payload ids are random, so two writers never write
+the same file; two builds that compute the same item both succeed and the
+catalog keeps either copy (they have the same content key).
+
+Each manifest carries the recipe (node, version, code fingerprint,
+parameters, per-item input keys, library versions, host, seconds) and every
+item's recipe key (``rkey``) and content key (``ckey`` = :func:`flow.keys.key`
+of the output), which is what ``flow verify`` re-checks.  Arrays are written
+with a CRC32C codec, so a corrupted chunk fails on read.
+
+Output values are brought to a canonical form before they are keyed and
+stored (:func:`canonical_output`), so what is read back keys the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from flow.errors import CorruptObject, StoreError
+from flow.keys import KEY_SIZE, Key, bytes_key, key
+from flow.node import Blob
+from store.abc import Store
+
+FORMAT = "flow/1"
+_BARE = "_"  # field name of a node output that is a bare array
+_INNER_CHUNK_BYTES = 1 << 20
+
+
+# --------------------------------------------------------------------------
+# canonical output values
+
+_ATTR_TYPES = (str, int, float, bool, type(None))
+
+
+def _canonical_attr(value: Any, where: str) -> Any:
+    if isinstance(value, _ATTR_TYPES):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TypeError(f"{where}: non-finite float {value!r} cannot be stored as an attr")
+        return value
+    if isinstance(value, list | tuple):
+        return tuple(_canonical_attr(v, where) for v in value)
+    raise TypeError(
+        f"{where}: a node output value must be a numpy array, a Blob, or str/int/float/"
+        f"bool/None (or tuples of them), not {type(value).__name__}"
+    )
+
+
+def canonical_output(value: Any, *, node: str = "node", allow_blobs: bool = True) -> Any:
+    """The canonical form of a node's return value (what is keyed and stored).
+
+    numpy scalars become 0-d arrays, lists become tuples, arrays become
+    C-contiguous; anything else raises :class:`TypeError` naming the node.
+    """
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise TypeError(f"node {node!r} returned an array of dtype object")
+        return np.ascontiguousarray(value)
+    if isinstance(value, Blob):
+        if not allow_blobs:
+            raise TypeError(f"node {node!r}: item nodes cannot return Blobs; return an array")
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not k or k.startswith(("_", ".")) or "/" in k:
+                raise TypeError(
+                    f"node {node!r}: output field names must be non-empty strings without "
+                    f"'/' that don't start with '_' or '.', got {k!r}"
+                )
+            if isinstance(v, np.ndarray | np.generic | Blob):
+                out[k] = canonical_output(v, node=node, allow_blobs=allow_blobs)
+            else:
+                out[k] = _canonical_attr(v, f"node {node!r} field {k!r}")
+        return out
+    raise TypeError(
+        f"node {node!r} returned {type(value).__name__}; a node returns a numpy array, a Blob, "
+        "or a dict of arrays, Blobs and small JSON-able values"
+    )
+
+
+def _split(value: Any) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Blob]]:
+    if isinstance(value, np.ndarray):
+        return {_BARE: value}, {}, {}
+    if isinstance(value, Blob):
+        return {}, {}, {_BARE: value}
+    arrays = {k: v for k, v in value.items() if isinstance(v, np.ndarray)}
+    blobs = {k: v for k, v in value.items() if isinstance(v, Blob)}
+    attrs = {k: v for k, v in value.items() if k not in arrays and k not in blobs}
+    return arrays, attrs, blobs
+
+
+def _untuple(v: Any) -> Any:
+    return [_untuple(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _retuple(v: Any) -> Any:
+    return tuple(_retuple(x) for x in v) if isinstance(v, list) else v
+
+
+# --------------------------------------------------------------------------
+# recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What produced a pack or object: the node-level part of every item's recipe."""
+
+    node: str
+    step: str
+    version: int | str
+    fingerprint: str
+    params: dict
+    prefix: str  # hex of the node-level key (name, version, fingerprint, params)
+
+    def to_json(self) -> dict:
+        return {
+            "node": self.node,
+            "step": self.step,
+            "version": self.version,
+            "fingerprint": self.fingerprint,
+            "params": {k: _untuple(v) for k, v in self.params.items()},
+            "prefix": self.prefix,
+        }
+
+
+@lru_cache(maxsize=1)
+def environment() -> dict:
+    """Library versions and host, recorded in every manifest (not in keys)."""
+    import importlib.metadata as md
+
+    libs = {}
+    for name in (
+        "numpy", "zarr", "dask", "distributed", "pydicom", "Pillow", "scikit-image",
+        "scikit-learn", "torch", "onnxruntime", "annoy",
+    ):  # fmt: skip
+        try:
+            libs[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    libs["python"] = platform.python_version()
+    return {"libs": libs, "host": socket.gethostname()}
+
+
+@dataclass
+class ItemResult:
+    """One item's outcome, as a task hands it to :func:`write_pack`."""
+
+    id: str
+    rkey: bytes
+    inputs: tuple[bytes, ...]
+    value: Any = None  # canonical output, when it succeeded
+    ckey: bytes | None = None
+    error: dict | None = None  # {"type", "reason", "traceback"} when it failed
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------
+# writing
+
+
+def _codecs():
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+    return BytesCodec(), [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def _write_array(zstore: Any, name: str, data: np.ndarray) -> None:
+    import zarr
+
+    serializer, compressors = _codecs()
+    if data.ndim == 0:
+        data = data.reshape(1)
+    shape = data.shape
+    item_bytes = max(1, data[0:1].nbytes) if shape[0] else 1
+    per_chunk = max(1, min(shape[0], _INNER_CHUNK_BYTES // item_bytes)) if shape[0] else 1
+    chunks = (per_chunk, *shape[1:])
+    shards = None
+    if shape[0] > per_chunk:
+        shards = (math.ceil(shape[0] / per_chunk) * per_chunk, *shape[1:])
+    arr = zarr.create_array(
+        zstore,
+        name=name,
+        shape=shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        shards=shards,
+        serializer=serializer,
+        compressors=compressors,
+        fill_value=0 if data.dtype.kind not in "US" else "",
+        zarr_format=3,
+    )
+    if data.size:
+        arr[...] = data
+
+
+def _layout_fields(node: str, values: Sequence[dict[str, np.ndarray]]) -> tuple[dict, dict]:
+    """Group per-item arrays into stacked or ragged pack arrays."""
+    names = set(values[0]) if values else set()
+    for v in values:
+        if set(v) != names:
+            raise TypeError(
+                f"node {node!r} returned different array fields for different items: "
+                f"{sorted(names)} vs {sorted(v)}"
+            )
+    arrays, meta = {}, {}
+    for name in sorted(names):
+        col = [v[name] for v in values]
+        dtypes = {a.dtype.str for a in col}
+        if len(dtypes) != 1:
+            raise TypeError(f"node {node!r} field {name!r} has mixed dtypes {sorted(dtypes)}")
+        shapes = [a.shape for a in col]
+        if all(s == shapes[0] for s in shapes):
+            arrays[name] = np.stack(col)
+            meta[name] = {"layout": "stacked", "dtype": col[0].dtype.str, "shape": shapes[0]}
+        else:
+            sizes = [a.size for a in col]
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+            arrays[name] = np.concatenate([a.ravel() for a in col])
+            meta[name] = {
+                "layout": "ragged",
+                "dtype": col[0].dtype.str,
+                "shapes": [list(s) for s in shapes],
+                "offsets": offsets,
+            }
+    return arrays, meta
+
+
+def write_pack(store: Store, recipe: Recipe, results: Sequence[ItemResult]) -> dict:
+    """Write one pack of item results and publish its manifest; returns the manifest."""
+    pack_id = uuid.uuid4().hex
+    base = f"packs/{recipe.node}/{pack_id}"
+    ok = [r for r in results if r.error is None]
+    failed = [r for r in results if r.error is not None]
+    splits = [_split(r.value) for r in ok]
+    arrays, fields = _layout_fields(recipe.node, [s[0] for s in splits])
+    attr_names = sorted({k for s in splits for k in s[1]})
+    attrs = {a: [_untuple(s[1].get(a)) for s in splits] for a in attr_names}
+    if ok and any(s[2] for s in splits):
+        raise TypeError(f"node {recipe.node!r}: item nodes cannot return Blobs")
+    started = time.time()
+    if arrays:
+        zstore = store.zarr(base)
+        for name, data in arrays.items():
+            _write_array(zstore, name, data)
+    manifest = {
+        "format": FORMAT,
+        "kind": "pack",
+        "id": pack_id,
+        **recipe.to_json(),
+        **environment(),
+        "pid": os.getpid(),
+        "created": time.time(),
+        "write_seconds": round(time.time() - started, 6),
+        "n": len(ok),
+        "ids": [r.id for r in ok],
+        "rkeys": "".join(r.rkey.hex() for r in ok),
+        "ckeys": "".join(r.ckey.hex() for r in ok),  # type: ignore[union-attr]
+        "inputs": ["".join(k.hex() for k in r.inputs) for r in ok],
+        "seconds": [round(r.seconds, 6) for r in ok],
+        "fields": fields,
+        "attrs": attrs,
+        "failures": [
+            {
+                "id": r.id,
+                "rkey": r.rkey.hex(),
+                "inputs": "".join(k.hex() for k in r.inputs),
+                **r.error,  # type: ignore[dict-item]
+            }
+            for r in failed
+        ],
+    }
+    store.put(f"{base}.json", _dumps(manifest))
+    return manifest
+
+
+def write_object(
+    store: Store, recipe: Recipe, rkey: bytes, inputs: Sequence[bytes], result: ItemResult
+) -> dict:
+    """Write a set node's output (or its failure) and publish its manifest.
+
+    ``inputs`` are the digests the recipe key was derived from: one per input
+    (for an ``"all"`` input, :func:`flow.keys.items_key` of its items).
+    """
+    payload = uuid.uuid4().hex
+    base = f"objects/{recipe.node}/{Key(rkey).hex()}"
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "kind": "object",
+        **recipe.to_json(),
+        **environment(),
+        "pid": os.getpid(),
+        "created": time.time(),
+        "rkey": Key(rkey).hex(),
+        "inputs": "".join(bytes(k).hex() for k in inputs),
+        "seconds": round(result.seconds, 6),
+    }
+    if result.error is not None:
+        manifest["failure"] = result.error
+    else:
+        arrays, attrs, blobs = _split(result.value)
+        zstore = store.zarr(f"{base}/{payload}") if arrays else None
+        for name, data in arrays.items():
+            _write_array(zstore, name, data)
+        blob_meta = {}
+        for name, blob in blobs.items():
+            store.put(f"{base}/{payload}/{name}.blob", blob.data)
+            blob_meta[name] = {"size": len(blob.data), "key": bytes_key(blob.data).hex()}
+        manifest.update(
+            payload=payload,
+            ckey=Key(result.ckey).hex(),  # type: ignore[arg-type]
+            arrays={
+                n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()
+            },
+            blobs=blob_meta,
+            attrs={k: _untuple(v) for k, v in attrs.items()},
+        )
+    store.put(f"{base}.json", _dumps(manifest))
+    return manifest
+
+
+def _dumps(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+
+
+def loads(data: bytes, where: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise CorruptObject(f"{where}: manifest is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CorruptObject(f"{where}: not a flow manifest (format {doc.get('format')!r})")
+    return doc
+
+
+# --------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class PackReader:
+    """Reads items of one pack; keeps its arrays open for repeated reads."""
+
+    store: Store
+    node: str
+    pack_id: str
+    manifest: dict = field(default_factory=dict)
+    _arrays: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, store: Store, node: str, pack_id: str) -> PackReader:
+        where = f"packs/{node}/{pack_id}.json"
+        try:
+            manifest = loads(store.get(where), where)
+        except FileNotFoundError:
+            raise StoreError(f"pack {node}/{pack_id} is gone (was it collected?)") from None
+        return cls(store, node, pack_id, manifest)
+
+    def _array(self, name: str) -> Any:
+        arr = self._arrays.get(name)
+        if arr is None:
+            import zarr
+
+            zs = self.store.zarr(f"packs/{self.node}/{self.pack_id}", read_only=True)
+            arr = self._arrays[name] = zarr.open_array(zs, path=name, mode="r")
+        return arr
+
+    def read(self, positions: Sequence[int]) -> list[Any]:
+        """Values of the items at ``positions`` (in that order)."""
+        positions = [int(p) for p in positions]
+        fields = self.manifest["fields"]
+        cols: dict[str, list[np.ndarray]] = {}
+        try:
+            for name, meta in fields.items():
+                arr = self._array(name)
+                if meta["layout"] == "stacked":
+                    if len(positions) == self.manifest["n"] and positions == sorted(positions):
+                        block = arr[...]
+                        cols[name] = [block[p] for p in positions]
+                    else:
+                        uniq = sorted(set(positions))
+                        block = arr.oindex[uniq]
+                        where = {p: i for i, p in enumerate(uniq)}
+                        cols[name] = [block[where[p]] for p in positions]
+                else:
+                    offs, shapes = meta["offsets"], meta["shapes"]
+                    lo = min(offs[p] for p in positions) if positions else 0
+                    hi = max(offs[p + 1] for p in positions) if positions else 0
+                    flat = arr[lo:hi]
+                    cols[name] = [
+                        flat[offs[p] - lo : offs[p + 1] - lo].reshape(shapes[p]) for p in positions
+                    ]
+        except (ValueError, OSError) as e:
+            raise CorruptObject(f"pack {self.node}/{self.pack_id}: cannot read ({e})") from e
+        attrs = self.manifest["attrs"]
+        out = []
+        for i, p in enumerate(positions):
+            if list(fields) == [_BARE] and not attrs:
+                out.append(cols[_BARE][i])
+                continue
+            v: dict[str, Any] = {n: cols[n][i] for n in fields}
+            for a, col in attrs.items():
+                v[a] = _retuple(col[p])
+            out.append(v)
+        return out
+
+    def rkey(self, pos: int) -> bytes:
+        s = self.manifest["rkeys"]
+        return bytes.fromhex(s[pos * 2 * KEY_SIZE : (pos + 1) * 2 * KEY_SIZE])
+
+    def ckey(self, pos: int) -> bytes:
+        s = self.manifest["ckeys"]
+        return bytes.fromhex(s[pos * 2 * KEY_SIZE : (pos + 1) * 2 * KEY_SIZE])
+
+
+def read_object_manifest(store: Store, node: str, rkey: bytes) -> dict | None:
+    where = f"objects/{node}/{Key(rkey).hex()}.json"
+    try:
+        return loads(store.get(where), where)
+    except FileNotFoundError:
+        return None
+
+
+def read_object(store: Store, node: str, rkey: bytes, manifest: dict | None = None) -> Any:
+    """The stored value of a set node's output."""
+    doc = manifest or read_object_manifest(store, node, rkey)
+    if doc is None:
+        raise StoreError(f"object {node}/{Key(rkey).hex()} is not in the store")
+    if "failure" in doc:
+        raise StoreError(f"object {node}/{Key(rkey).hex()} is a recorded failure")
+    base = f"objects/{node}/{Key(rkey).hex()}/{doc['payload']}"
+    value: dict[str, Any] = {}
+    if doc["arrays"]:
+        import zarr
+
+        zs = store.zarr(base, read_only=True)
+        for name, meta in doc["arrays"].items():
+            try:
+                arr = zarr.open_array(zs, path=name, mode="r")[...]
+            except (ValueError, OSError, KeyError) as e:
+                raise CorruptObject(f"object {node}/{Key(rkey).hex()}: array {name}: {e}") from e
+            value[name] = arr.reshape(meta["shape"])
+    for name, meta in doc["blobs"].items():
+        try:
+            data = store.get(f"{base}/{name}.blob")
+        except FileNotFoundError:
+            raise CorruptObject(f"object {node}/{Key(rkey).hex()}: blob {name} missing") from None
+        if len(data) != meta["size"] or bytes_key(data).hex() != meta["key"]:
+            raise CorruptObject(f"object {node}/{Key(rkey).hex()}: blob {name} checksum mismatch")
+        value[name] = Blob(data)
+    for name, v in doc["attrs"].items():
+        value[name] = _retuple(v)
+    if set(value) == {_BARE}:
+        return value[_BARE]
+    return value
+
+
+def object_blob_path(store: Store, node: str, rkey: bytes, manifest: dict, name: str) -> str:
+    """Store path of one blob of an object (for readers that map files)."""
+    return f"objects/{node}/{Key(rkey).hex()}/{manifest['payload']}/{name}.blob"
+
+
+def output_key(value: Any) -> Key:
+    """The content key of a canonical output value."""
+    return key(value)
+
+
+__all__ = [
+    "FORMAT",
+    "ItemResult",
+    "PackReader",
+    "Recipe",
+    "canonical_output",
+    "environment",
+    "loads",
+    "object_blob_path",
+    "output_key",
+    "read_object",
+    "read_object_manifest",
+    "write_object",
+    "write_pack",
+]

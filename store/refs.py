@@ -1,0 +1,129 @@
+"""Named refs: targets point at the keys of their current index, with history.
+
+A ref is a folder of immutable entries, ``refs/<name>/<seq>.json``; the entry
+with the highest sequence number is the ref's current value and the others
+are its history (``flow log``).  Moving a ref writes entry ``seq + 1`` with
+:meth:`Store.put_if_absent`; if another writer took that number first, the
+move retries with the next one, so concurrent moves are serialized and no
+history is lost.  Nothing is ever rewritten, which is also what object
+stores need: there is no rename, but a conditional create is enough.
+
+A ref names objects (``[node, rkey]`` pairs); :func:`move_ref` refuses to
+move it unless every named object's manifest is in the store, so a ref never
+points at something incomplete.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import socket
+import time
+from typing import Any
+
+from flow.errors import StoreError
+from store.abc import Store
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
+_SEQ_DIGITS = 12
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid ref name {name!r}: letters, digits, '_', '.', '-' and '/' between parts"
+        )
+    return name
+
+
+def _seqs(store: Store, name: str) -> list[int]:
+    out = []
+    for entry in store.list(f"refs/{name}"):
+        stem = entry[:-5] if entry.endswith(".json") else ""
+        if stem.isdigit():
+            out.append(int(stem))
+    return sorted(out)
+
+
+def _entry(store: Store, name: str, seq: int) -> dict:
+    return json.loads(store.get(f"refs/{name}/{seq:0{_SEQ_DIGITS}d}.json"))
+
+
+def read_ref(store: Store, name: str) -> dict | None:
+    """The current entry of ref ``name``, or None if it was never set."""
+    seqs = _seqs(store, _check_name(name))
+    for seq in reversed(seqs):
+        try:
+            return _entry(store, name, seq)
+        except (FileNotFoundError, ValueError):
+            continue
+    return None
+
+
+def ref_history(store: Store, name: str) -> list[dict]:
+    """Every entry of ref ``name``, oldest first."""
+    out = []
+    for seq in _seqs(store, _check_name(name)):
+        try:
+            out.append(_entry(store, name, seq))
+        except (FileNotFoundError, ValueError):
+            continue
+    return out
+
+
+def list_refs(store: Store, prefix: str = "") -> list[str]:
+    """Names of all refs (recursively under ``refs/``)."""
+    names = set()
+    for e in store.walk("refs"):
+        parts = e.path.split("/")
+        if len(parts) >= 3 and parts[-1].endswith(".json"):
+            names.add("/".join(parts[1:-1]))
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def move_ref(
+    store: Store,
+    name: str,
+    value: dict[str, Any],
+    *,
+    objects: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    message: str = "",
+) -> dict:
+    """Point ref ``name`` at ``value``; returns the new entry.
+
+    ``objects`` are the ``(node, rkey_hex)`` pairs the value names; each must
+    be complete in the store, or :class:`StoreError` is raised and the ref
+    does not move.
+    """
+    _check_name(name)
+    for node, rkey in objects:
+        if not store.exists(f"objects/{node}/{rkey}.json"):
+            raise StoreError(f"ref {name!r} not moved: object {node}/{rkey} is not complete")
+    seqs = _seqs(store, name)
+    seq = (seqs[-1] + 1) if seqs else 1
+    previous = seqs[-1] if seqs else None
+    for _ in range(1000):
+        entry = {
+            "name": name,
+            "seq": seq,
+            "previous": previous,
+            "time": time.time(),
+            "host": socket.gethostname(),
+            "user": _user(),
+            "message": message,
+            "objects": [list(o) for o in objects],
+            "value": value,
+        }
+        data = json.dumps(entry, sort_keys=True).encode()
+        if store.put_if_absent(f"refs/{name}/{seq:0{_SEQ_DIGITS}d}.json", data):
+            return entry
+        previous, seq = seq, seq + 1
+    raise StoreError(f"ref {name!r}: could not find a free sequence number")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database in some containers
+        return "unknown"
