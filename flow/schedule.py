@@ -221,6 +221,7 @@ class Failure:
     reason: str
     traceback: str = ""
     new: bool = True  # failed in this build (False: recorded by an earlier one)
+    bad_input: bool = False  # an ItemError: the item's fault, not the code's
 
 
 @dataclass
@@ -494,7 +495,8 @@ class Builder:
             self.catalogs[m["node"]]._add_manifests([m])
             for f in m.get("failures", []):
                 self._failures.append(
-                    Failure(m["step"], f["id"], f["type"], f["reason"], f.get("traceback", ""))
+                    Failure(m["step"], f["id"], f["type"], f["reason"], f.get("traceback", ""),
+                            bad_input=bool(f.get("bad_input")))
                 )
                 if self.fail_fast:
                     self._stop = True
@@ -576,7 +578,8 @@ class Builder:
                             r.failed += 1
                             f = m["failure"]
                             self._failures.append(
-                                Failure(name, "<set>", f["type"], f["reason"], f.get("traceback"))
+                                Failure(name, "<set>", f["type"], f["reason"],
+                                        f.get("traceback", ""), bad_input=bool(f.get("bad_input")))
                             )
                             self._stop = self._stop or self.fail_fast
                         else:
@@ -629,7 +632,7 @@ class Builder:
                 for i, s in enumerate(sp.status):
                     if s == Status.BLOCKED and i in errs:
                         out.append(Failure(name, self.items.ids[i], "SourceError", errs[i],
-                                           new=False))  # fmt: skip
+                                           new=False, bad_input=True))  # fmt: skip
                 continue
             for i, s in enumerate(sp.status):
                 if s != Status.FAILED:
@@ -641,7 +644,7 @@ class Builder:
                     obj = self.objects[st.node_name].get(sp.rkeys[i])  # type: ignore[arg-type]
                     f = obj.manifest.get("failure", {}) if obj else {}
                     out.append(Failure(name, item_id, f.get("type", "?"), f.get("reason", "?"),
-                                       new=False))  # fmt: skip
+                                       new=False, bad_input=bool(f.get("bad_input"))))  # fmt: skip
                     continue
                 cat = self.catalogs[st.node_name]
                 pk = cat.failed.get(sp.rkeys[i])  # type: ignore[arg-type]
@@ -656,7 +659,8 @@ class Builder:
                 for f in doc.get("failures", []):
                     if f["rkey"] == rk:
                         out.append(Failure(name, item_id, f["type"], f["reason"],
-                                           f.get("traceback", ""), new=False))  # fmt: skip
+                                           f.get("traceback", ""), new=False,
+                                           bad_input=bool(f.get("bad_input"))))  # fmt: skip
                         break
         return out
 

@@ -175,13 +175,19 @@ def load_object(store, node: str, rkey: bytes) -> Any:
 
 def _error(exc: BaseException) -> dict:
     if isinstance(exc, ItemError):
-        return {"type": type(exc).__name__, "reason": exc.reason, "traceback": ""}
+        return {"type": type(exc).__name__, "reason": exc.reason, "traceback": "",
+                "bad_input": True}  # fmt: skip
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
-    return {"type": type(exc).__name__, "reason": str(exc) or type(exc).__name__, "traceback": tb}
+    return {"type": type(exc).__name__, "reason": str(exc) or type(exc).__name__,
+            "traceback": tb, "bad_input": False}  # fmt: skip
 
 
-def _call_items(node: Node, params: dict, args_per_item: list[list[Any]]):
-    """Call an item node over items; yields (value | None, error | None, seconds)."""
+def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared: tuple = ()):
+    """Call an item node over items; yields (value | None, error | None, seconds).
+
+    ``shared[j]`` says argument ``j`` is one value for every item (a set
+    step's output): a batched node gets it as is, not as a list.
+    """
     from store.packs import canonical_output
 
     def finish(raw: Any) -> Any:
@@ -193,7 +199,8 @@ def _call_items(node: Node, params: dict, args_per_item: list[list[Any]]):
             chunk = args_per_item[lo : lo + size]
             t0 = time.perf_counter()
             try:
-                cols = [list(c) for c in zip(*chunk)] if chunk[0] else []
+                cols = [c[0] if j in shared else list(c)
+                        for j, c in enumerate(zip(*chunk))] if chunk[0] else []
                 outs = node.fn(*cols, **params)
                 if len(outs) != len(chunk):
                     raise ValueError(
@@ -206,7 +213,8 @@ def _call_items(node: Node, params: dict, args_per_item: list[list[Any]]):
                 for args in chunk:
                     t1 = time.perf_counter()
                     try:
-                        v = finish(node.fn(*[[a] for a in args], **params)[0])
+                        one = [a if j in shared else [a] for j, a in enumerate(args)]
+                        v = finish(node.fn(*one, **params)[0])
                         yield v, None, time.perf_counter() - t1
                     except Exception as e:
                         yield None, _error(e), time.perf_counter() - t1
@@ -325,7 +333,9 @@ def run_chain(
                     break
         run = [i for i in todo if i not in bad]
         results: list[ItemResult] = []
-        for i, (v, err, dt) in zip(run, _call_items(st.node, st.params, [args[i] for i in run])):
+        shared = tuple(j for j, w in enumerate(st.wires) if w[0] == "one")
+        calls = _call_items(st.node, st.params, [args[i] for i in run], shared)
+        for i, (v, err, dt) in zip(run, calls):
             rk = item_key(st.prefix, in_keys[i])
             if err is None:
                 c = key(v)

@@ -1,0 +1,130 @@
+"""``flow build`` and ``flow status``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli._fmt import seconds, table
+from cli.main import handle_errors, pass_ctx
+
+
+def _targets(values: tuple[str, ...]) -> list[str] | str:
+    out = [t for v in values for t in v.split(",") if t]
+    return "all" if not out or "all" in out else out
+
+
+@click.command()
+@click.argument("what", required=False, default="index", type=click.Choice(["index"]))
+@click.option("-t", "--target", "targets", multiple=True,
+              help="Target(s) to build, comma-separated or repeated; 'all' (default) for every "
+                   "target in flow.toml.")
+@click.option("--scheduler", help="sync | threads | local (default) | tcp://host:port of an "
+                                  "existing dask scheduler.")
+@click.option("--workers", type=int, help="Workers of a local cluster (default: one per core).")
+@click.option("--retry-failed", is_flag=True,
+              help="Run items that failed in an earlier build again (default: a recorded "
+                   "failure of the same recipe is reported, not retried).")
+@click.option("--fail-fast", is_flag=True,
+              help="Stop scheduling new work after the first failed item (default: keep going, "
+                   "finish everything else, exit 1 and list the failures).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars (default: when stderr is a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
+@pass_ctx
+@handle_errors
+def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, progress, as_json):
+    """Build the targets' indices, computing only what is stale.
+
+    Every item that fails (a broken file, a node error) is recorded with its
+    reason; the build keeps going with the rest, moves each target's ref once
+    its index is complete, and exits with status 1 listing the failures.
+    Interrupting (Ctrl-C) loses nothing that finished: rerun to continue.
+    """
+    ws = ctx.workspace
+    items = ws.items()[0]
+    ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); "
+            f"store {ws.store.url}")
+    built = ws.build(_targets(targets), scheduler=scheduler, workers=workers,
+                     retry_failed=retry_failed, fail_fast=fail_fast,
+                     progress=False if ctx.quiet else progress, log=ctx.log)
+    rep = built.report
+    if as_json:
+        doc = rep.to_json()
+        doc["refs"] = {t: e["value"]["index"] for t, e in built.moved.items()}
+        doc["unchanged"] = built.unchanged
+        doc["incomplete"] = built.incomplete
+        from nodes.api import dumps
+
+        click.echo(dumps(doc))
+    else:
+        _print_report(ctx, built)
+    if rep.interrupted:
+        click.echo("interrupted: everything finished so far is stored; rerun to continue",
+                   err=True)
+        sys.exit(130)
+    if rep.failures or built.incomplete:
+        sys.exit(1)
+
+
+def _print_report(ctx, built) -> None:
+    rep = built.report
+    rows = []
+    for name, sp in rep.before.steps.items():
+        if sp.kind == "source":
+            continue
+        r = rep.steps.get(name)
+        c = rep.after.steps[name].counts()
+        rows.append([name, sp.kind, (r.computed if r else 0), (r.reused if r else 0),
+                     (r.failed if r else 0) + c["failed"] * 0, c["fresh"],
+                     seconds(r.seconds) if r else "-"])
+    if not ctx.quiet:
+        click.echo(table(["step", "kind", "computed", "cut off", "failed", "fresh", "time"],
+                         rows, right={2, 3, 4, 5, 6}))
+    for t, e in built.moved.items():
+        click.echo(f"ref {t} -> {e['value']['index'][0]} {e['value']['index'][1][:12]} "
+                   f"(#{e['seq']})")
+    for t in built.unchanged:
+        ctx.log(f"ref {t} unchanged")
+    for t, why in built.incomplete.items():
+        click.echo(f"ref {t} NOT moved: {why}", err=True)
+    if rep.failures:
+        new = [f for f in rep.failures if f.new]
+        old = [f for f in rep.failures if not f.new]
+        click.echo(f"{len(rep.failures)} failed item(s) ({len(new)} in this build, "
+                   f"{len(old)} recorded earlier; --retry-failed reruns those):", err=True)
+        for f in rep.failures[:50]:
+            click.echo(f"  {f.step}: {f.id}: {f.type}: {f.reason}", err=True)
+            if ctx.verbose and f.traceback:
+                click.echo("    " + f.traceback.replace("\n", "\n    "), err=True)
+        if len(rep.failures) > 50:
+            click.echo(f"  ... and {len(rep.failures) - 50} more (--json lists all)", err=True)
+    ctx.log(f"done in {seconds(rep.seconds)} on {rep.executor}")
+
+
+@click.command()
+@click.option("-t", "--target", "targets", multiple=True, help="Target(s); default all.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+@handle_errors
+def status(ctx, targets, as_json):
+    """Show, per target and step, what is fresh, stale (and why) or failed.
+
+    Computes nothing: it hashes new or changed source files (remembered in
+    the stat cache) and reads the store's catalogs.
+    """
+    from nodes.api import dumps, status_rows
+
+    rows = status_rows(ctx.workspace, _targets(targets))
+    if as_json:
+        click.echo(dumps(rows))
+        return
+    click.echo(table(
+        ["target", "step", "kind", "fresh", "stale", "failed", "blocked", "why stale"],
+        [[r["target"], r["step"], r["kind"], r["fresh"], r["stale"], r["failed"], r["blocked"],
+          ", ".join(f"{k}: {v}" for k, v in sorted(r["reasons"].items()))] for r in rows],
+        right={3, 4, 5, 6}))
+
+
+commands = [build, status]

@@ -1,0 +1,111 @@
+"""The ``flow`` command: a click group with a lazy project context.
+
+Heavy imports (torch, dask, zarr) happen inside the commands that need
+them, so ``flow --help`` is instant.  Errors flow knows about are printed
+as one line naming the input and the reason (``-v`` adds the traceback);
+exit codes: 0 success, 1 a build finished with failed items, 2 bad usage or
+configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import update_wrapper
+from typing import Any
+
+import click
+
+from cli import COMMANDS
+
+
+class Context:
+    """What every command shares: where the project is, and how loud to be."""
+
+    def __init__(self, project: str | None, store: str | None, verbose: int, quiet: bool):
+        self.project_path = project
+        self.store_url = store
+        self.verbose = verbose
+        self.quiet = quiet
+        self._ws = None
+
+    @property
+    def workspace(self):
+        if self._ws is None:
+            from nodes.api import Workspace
+
+            self._ws = Workspace.open(self.project_path, store=self.store_url)
+        return self._ws
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+    def debug(self, msg: str) -> None:
+        if self.verbose:
+            click.echo(msg, err=True)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def handle_errors(f):
+    """Turn flow's errors into a one-line message and an exit code."""
+
+    @click.pass_context
+    def wrapper(cctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        from flow.errors import BuildFailed, ConfigError, FlowError
+
+        try:
+            return cctx.invoke(f, *args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted: everything finished so far is stored; rerun to continue",
+                       err=True)
+            sys.exit(130)
+        except BuildFailed as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except (ConfigError, FileNotFoundError) as e:
+            if cctx.find_object(Context) and cctx.find_object(Context).verbose:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except FlowError as e:
+            if cctx.find_object(Context) and cctx.find_object(Context).verbose:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+    return update_wrapper(wrapper, f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-p", "--project", envvar="FLOW_PROJECT", type=click.Path(),
+              help="flow.toml, or the folder holding it (default: ./flow.toml).")
+@click.option("--store", envvar="FLOW_STORE",
+              help="Store URL overriding the project's (a folder, s3://bucket/prefix).")
+@click.option("-v", "--verbose", count=True, help="More output; tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors.")
+@click.version_option(package_name="flow-cbir")
+@click.pass_context
+def cli(cctx: click.Context, project: str | None, store: str | None, verbose: int,
+        quiet: bool) -> None:
+    """flow: build and keep fresh content-based medical image retrieval indices."""
+    cctx.obj = Context(project, store, verbose, quiet)
+
+
+def _register() -> None:
+    import importlib
+
+    for module in COMMANDS:
+        mod = importlib.import_module(f"cli.{module}")
+        for cmd in mod.commands:
+            cli.add_command(cmd)
+
+
+_register()
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    cli(prog_name="flow")

@@ -1,0 +1,118 @@
+"""``flow query`` and ``flow eval``."""
+
+from __future__ import annotations
+
+import click
+
+from cli._fmt import table
+from cli.main import handle_errors, pass_ctx
+
+
+@click.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-t", "--target", default="cnn", show_default=True, help="Which index to search.")
+@click.option("-k", default=10, show_default=True, help="How many results.")
+@click.option("--search-k", type=int, default=None,
+              help="annoy search_k: nodes inspected per query (more: slower, closer to exact).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--montage", type=click.Path(dir_okay=False),
+              help="Write a PNG of the query beside its results, with labels.")
+@pass_ctx
+@handle_errors
+def query(ctx, image, target, k, search_k, as_json, montage):
+    """Find the K most similar prior images to IMAGE (DICOM, PNG or JPEG).
+
+    Runs the same decode/normalize/embed nodes the index was built with on
+    IMAGE, then searches the target's current index.  Reads only the ref, the
+    index and the fit objects: nothing is trained or recomputed.
+    """
+    from nodes.retrieval import Retriever
+
+    store = _store(ctx)
+    retr = Retriever.open(store, target)
+    hits = retr.query(image, k=k, search_k=search_k)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"query": image, "target": target,
+                               "results": [h.to_json() for h in hits]}, indent=2))
+    else:
+        click.echo(table(["rank", "distance", "item", "labels"],
+                         [[h.rank, round(h.distance, 4), h.id, "|".join(h.labels)]
+                          for h in hits], right={0, 1}))
+    if montage:
+        from nodes.montage import montage as draw
+
+        paths = _paths(ctx)
+        draw(retr, image, hits, paths, montage)
+        ctx.log(f"wrote {montage}")
+
+
+def _store(ctx):
+    """The store, without scanning sources (queries must start fast)."""
+    if ctx.store_url and not ctx.project_path:
+        from store import open_store
+
+        return open_store(ctx.store_url)
+    from flow.project import load_project
+
+    return load_project(ctx.project_path, store=ctx.store_url).open_store()
+
+
+def _paths(ctx) -> dict[str, str]:
+    """Item id -> source file, when the project is at hand (for the montage)."""
+    try:
+        ws = ctx.workspace
+        items, _, meta = ws.items()
+        return dict(zip(items.ids, meta["paths"]))
+    except Exception:  # noqa: BLE001 - the montage then shows ids without pictures
+        return {}
+
+
+@click.command("eval")
+@click.option("-t", "--target", "targets", multiple=True,
+              help="Target(s) to evaluate (default: all).")
+@click.option("-k", default=None, type=int, help="Largest K (default: [eval] k, 10).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write a PNG of the metrics against K for every target.")
+@click.option("--scheduler", help="For building what the evaluation needs (default: project's).")
+@pass_ctx
+@handle_errors
+def evaluate(ctx, targets, k, as_json, plot, scheduler):
+    """Retrieval quality: AvG@K, precision@K and mAP@K of the eval queries.
+
+    Queries are the items of the [eval] queries split, searched in an index
+    of the [eval] database split (built on demand, like any target, and
+    reused); a random ranking of the same database is scored in the same run.
+    """
+    from cli.build import _targets
+
+    ws = ctx.workspace
+    names = _targets(targets)
+    names = list(ws.targets) if names == "all" else names
+    k = k or ws.project.eval_k
+    results = [ws.evaluate(t, k, scheduler=scheduler, log=ctx.debug) for t in names]
+    if as_json:
+        import json
+
+        click.echo(json.dumps(results, indent=2))
+    else:
+        rows = []
+        for r in results:
+            m, b = r["metrics"], r["random"]
+            rows.append([r["target"], r["kind"], m["avg"][k], m["precision"][k], m["map"][k],
+                         b["avg"][k], b["precision"][k], b["map"][k]])
+        click.echo(f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}) "
+                   f"against {results[0]['database']} items "
+                   f"({', '.join(ws.project.eval_database)}), K={k}")
+        click.echo(table(["target", "kind", f"AvG@{k}", f"P@{k}", f"mAP@{k}",
+                          f"random AvG@{k}", f"random P@{k}", f"random mAP@{k}"], rows))
+    if plot:
+        from nodes.retrieval import plot_metrics
+
+        plot_metrics(results, plot)
+        ctx.log(f"wrote {plot}")
+
+
+commands = [query, evaluate]

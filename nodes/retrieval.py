@@ -1,0 +1,312 @@
+"""Queries and evaluation against a built target.
+
+A :class:`Retriever` opens a target's ref and needs nothing else: the ref
+names the index, the item table and the query chain (the item nodes, their
+parameters and the fit objects they read).  A query image runs through the
+same node functions the build ran -- decode, normalize, embed (or describe
+and histogram, or encode) -- so its vector is computed exactly as the
+database's were, and then the index is searched.  Nothing is trained or
+recomputed, and nothing is written.
+
+If the installed code of a chain node differs from the code the index was
+built with (its fingerprint or version changed), the query refuses with a
+clear message instead of comparing vectors of two different functions.
+
+Start-up matters here (``flow query`` should answer within a second), so
+this module imports only numpy and annoy at the top; the chain's nodes
+import what they need (onnxruntime for the CNN, never torch).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flow.errors import FlowError
+
+__all__ = ["Hit", "Retriever", "evaluate"]
+
+
+@dataclass
+class Hit:
+    rank: int
+    distance: float
+    id: str
+    labels: tuple[str, ...]
+    index: int
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "distance": round(float(self.distance), 6),
+            "id": self.id,
+            "labels": list(self.labels),
+        }
+
+
+def _blob_path(store: Any, node: str, rkey: str, manifest: dict, name: str) -> str:
+    """A local file holding one blob of an object (the store's own file where it has
+    one; otherwise a verified copy in the user's cache, made once)."""
+    from store.packs import object_blob_path
+
+    rel = object_blob_path(store, node, bytes.fromhex(rkey), manifest, name)
+    local = store.local_path(rel)
+    if local is not None and os.path.exists(local):
+        return local
+    meta = manifest["blobs"][name]
+    cache = Path(os.environ.get("FLOW_CACHE", Path.home() / ".cache" / "flow")) / "blobs"
+    path = cache / f"{meta['key']}.blob"
+    if not path.exists():
+        from flow.keys import bytes_key
+
+        data = store.get(rel)
+        if bytes_key(data).hex() != meta["key"]:
+            raise FlowError(f"blob {name} of {node}/{rkey} failed its checksum")
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
+class Retriever:
+    """Search one target's index with images or vectors."""
+
+    def __init__(self, store: Any, ref: dict):
+        from store.packs import read_object, read_object_manifest
+
+        self.store = store
+        self.ref = ref
+        value = ref["value"]
+        self.kind = value["kind"]
+        ix_node, ix_rk = value["index"]
+        manifest = read_object_manifest(store, ix_node, bytes.fromhex(ix_rk))
+        if manifest is None or "failure" in manifest:
+            raise FlowError(f"index {ix_node}/{ix_rk} of ref {ref['name']!r} is not in the store")
+        attrs = manifest["attrs"]
+        self.ids: tuple[str, ...] = tuple(attrs["ids"])
+        table = read_object(store, value["table"][0], bytes.fromhex(value["table"][1]))
+        if tuple(table["ids"]) != self.ids:
+            raise FlowError(f"ref {ref['name']!r}: item table and index disagree")
+        self.labels = [tuple(x.split("|")) if x else () for x in table["labels"]]
+        self.count = int(attrs["count"])
+        self._objects: dict[tuple[str, str], Any] = {}
+        if ix_node == "code_index":
+            from nodes.index import CodeSearcher
+
+            self.searcher: Any = CodeSearcher(
+                _blob_path(store, ix_node, ix_rk, manifest, "hamming"),
+                _blob_path(store, ix_node, ix_rk, manifest, "vectors"),
+                int(attrs["bits"]),
+            ) if self.count else None  # fmt: skip
+        else:
+            from nodes.index import VectorSearcher
+
+            self.searcher = VectorSearcher(
+                _blob_path(store, ix_node, ix_rk, manifest, "annoy"), int(attrs["dim"])
+            ) if self.count else None  # fmt: skip
+        self.chain = value["query"]
+        self.vector_steps: list[str] = value["vectors"]
+        self._nodes: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, store: Any, name: str) -> Retriever:
+        from store.refs import read_ref
+
+        ref = read_ref(store, name)
+        if ref is None:
+            raise FlowError(
+                f"no index for target {name!r} in {store.url}: run `flow build index "
+                f"--target={name.split('/')[-1]}` first"
+            )
+        return cls(store, ref)
+
+    # -- the query chain ------------------------------------------------------------
+
+    def _node(self, entry: dict) -> Any:
+        n = self._nodes.get(entry["step"])
+        if n is None:
+            from nodes.pipeline import load_node
+
+            n = load_node(entry["node"])
+            if str(n.version) != str(entry["version"]) or n.fingerprint != entry["fingerprint"]:
+                raise FlowError(
+                    f"the installed code of node {n.name!r} differs from the code this index "
+                    f"was built with (version {entry['version']}, fingerprint "
+                    f"{entry['fingerprint'][:12]}; now {n.version}, {n.fingerprint[:12]}): "
+                    "rebuild the index (`flow build`) before querying"
+                )
+            self._nodes[entry["step"]] = n
+        return n
+
+    def _object(self, node: str, rkey: str) -> Any:
+        k = (node, rkey)
+        if k not in self._objects:
+            from store.packs import read_object
+
+            self._objects[k] = read_object(self.store, node, bytes.fromhex(rkey))
+        return self._objects[k]
+
+    def vectors(self, image: str | os.PathLike | bytes) -> dict[str, Any]:
+        """Run the query chain on one image; the values of every chain step."""
+        from flow.errors import ItemError
+        from store.packs import canonical_output
+
+        if isinstance(image, bytes):
+            data, name = image, "<bytes>"
+        else:
+            name = os.fspath(image)
+            try:
+                data = Path(name).read_bytes()
+            except OSError as e:
+                raise FlowError(f"cannot read query image {name}: {e.strerror or e}") from None
+        values: dict[str, Any] = {}
+        for entry in self.chain:
+            n = self._node(entry)
+            args = []
+            for w in entry["wires"]:
+                if w[0] == "files":
+                    args.append(data)
+                elif w[0] == "item":
+                    args.append(values[w[1]])
+                else:
+                    args.append(self._object(w[1], w[2]))
+            try:
+                if n.batched:
+                    item_args = [[a] if w[0] != "object" else a
+                                 for a, w in zip(args, entry["wires"])]  # fmt: skip
+                    out = n.fn(*item_args, **entry["params"])[0]
+                else:
+                    out = n.fn(*args, **entry["params"])
+            except ItemError as e:
+                raise FlowError(f"query image {name}: {entry['step']}: {e.reason}") from None
+            values[entry["step"]] = canonical_output(out, node=n.name, allow_blobs=False)
+        return values
+
+    def search_vectors(self, vecs: list[np.ndarray], k: int, *, search_k: int = -1,
+                       exclude: Any = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Search with the index's input vectors (one array per input step)."""
+        if self.searcher is None:
+            n = len(vecs[0])
+            return np.full((n, k), -1, np.int64), np.full((n, k), np.inf, np.float32)
+        if len(vecs) == 2:  # codes, then the real vectors for re-ranking
+            return self.searcher.search(vecs[1], k, search_k, exclude, codes=vecs[0])
+        return self.searcher.search(vecs[0], k, search_k, exclude)
+
+    def query(self, image: str | os.PathLike | bytes, k: int = 10, *,
+              search_k: int | None = None) -> list[Hit]:  # fmt: skip
+        values = self.vectors(image)
+        vecs = [np.asarray(values[s])[None] for s in self.vector_steps]
+        idx, dist = self.search_vectors(vecs, k, search_k=-1 if search_k is None else search_k)
+        return [
+            Hit(r + 1, float(d), self.ids[i], self.labels[i], int(i))
+            for r, (i, d) in enumerate(zip(idx[0].tolist(), dist[0].tolist()))
+            if i >= 0
+        ]
+
+
+# --------------------------------------------------------------------------
+# evaluation
+
+
+def _stored_values(ws: Any, step: str, rows: list[int], plan: Any) -> list[Any]:
+    """Values of a per-item step for item ``rows``, read from its packs."""
+    from flow.worker import _Reader
+    from store.catalog import load_catalog
+
+    node = ws.graph[step].node_name
+    cat = load_catalog(ws.store, node)
+    refs = []
+    for i in rows:
+        rk = plan.steps[step].rkeys[i]
+        pack, pos = cat.location(cat.index[rk])
+        refs.append(("pack", node, pack, pos))
+    return _Reader(ws.store).read_many(refs)
+
+
+def evaluate(ws: Any, target: str, k: int = 10, *, scheduler: str | None = None,
+             executor: Any = None, seed: int = 0, log: Any = None) -> dict:  # fmt: skip
+    """AvG@K, precision@K and mAP@K for K = 1..k of the eval queries against the
+    eval database, beside a random ranking of the same database (same run)."""
+    from flow.plan import Status
+    from nodes.metrics import label_matrix, random_rankings, retrieval_metrics
+
+    built = ws.build([target], eval=True, scheduler=scheduler, executor=executor,
+                     progress=False, log=log)  # fmt: skip
+    if target in built.incomplete:
+        raise FlowError(f"eval index of {target!r} could not be built: {built.incomplete[target]}")
+    retr = ws.retriever(target, eval=True)
+    items, _, meta = ws.items()
+    p = built.report.after
+    qsplits = set(ws.project.eval_queries)
+    steps = retr.vector_steps
+    rows = [i for i, s in enumerate(items.splits)
+            if s in qsplits and all(p.steps[st].status[i] == Status.FRESH for st in steps)]  # fmt: skip
+    if not rows:
+        raise FlowError(
+            f"no query items: no built item has split {sorted(qsplits)} (see [eval] queries)"
+        )
+    if retr.count <= k:
+        raise FlowError(f"the eval database has {retr.count} items; K={k} needs more")
+    vecs = [np.stack([np.asarray(v) for v in _stored_values(ws, st, rows, p)]) for st in steps]
+    pos = {iid: j for j, iid in enumerate(retr.ids)}
+    exclude = [{pos[items.ids[i]]} if items.ids[i] in pos else set() for i in rows]
+    idx, _ = retr.search_vectors(vecs, k, exclude=exclude)
+    if (idx < 0).any():
+        raise FlowError("the index returned fewer than K results for some queries")
+    q_labels = [meta["labels"][i] for i in rows]
+    qm, vocab = label_matrix(q_labels + retr.labels)
+    qm, dbm = qm[: len(rows)], qm[len(rows) :]
+    ks = list(range(1, k + 1))
+    ours = retrieval_metrics(qm, dbm, idx, ks)
+    ex_rows = np.array([next(iter(e)) if e else -1 for e in exclude])
+    rand = retrieval_metrics(
+        qm, dbm, random_rankings(len(rows), retr.count, k, seed=seed, exclude=ex_rows), ks
+    )
+    return {
+        "target": target,
+        "kind": retr.kind,
+        "k": k,
+        "queries": len(rows),
+        "database": retr.count,
+        "labels": vocab,
+        "metrics": ours,
+        "random": rand,
+    }
+
+
+def plot_metrics(results: list[dict], path: str | os.PathLike) -> None:
+    """One PNG: AvG@K, precision@K and mAP@K against K for every target, with
+    the random baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
+    titles = {"avg": "AvG@K", "precision": "precision@K", "map": "mAP@K"}
+    # targets evaluated on the same database share one random baseline
+    shared = len({r["database"] for r in results}) == 1
+    for ax, (m, title) in zip(axes, titles.items()):
+        for j, r in enumerate(results):
+            ks = sorted(int(x) for x in r["metrics"][m])
+            color = f"C{j}"
+            ax.plot(ks, [r["metrics"][m][x] for x in ks], "-o", ms=3, color=color,
+                    label=r["target"])  # fmt: skip
+            if not shared or j == 0:
+                ax.plot(ks, [r["random"][m][x] for x in ks], "--",
+                        color="gray" if shared else color, alpha=0.7,
+                        label="random" if shared else f"{r['target']} random")  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("K")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{results[0]['queries']} queries vs {results[0]['database']} items")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
