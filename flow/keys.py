@@ -215,7 +215,7 @@ def _encode_sequence(value: Iterable, out: list) -> None:
 def _encoded(value: Any) -> bytes:
     out: list = []
     _encode(value, out)
-    return b"".join(out)
+    return b"".join(out)  # joins memoryviews too
 
 
 @register(dict)
@@ -249,9 +249,9 @@ def _encode_array(value: np.ndarray, out: list) -> None:
     dstr = dtype.str.encode()
     out.append(b"a" + _length(len(dstr)) + dstr + _length(arr.ndim))
     out.append(struct.pack(f"<{arr.ndim}Q", *arr.shape))
-    raw = arr.tobytes()
-    out.append(_length(len(raw)))
-    out.append(raw)
+    out.append(_length(arr.nbytes))
+    # the array's own buffer, not a copy: key() feeds it to the hasher as is
+    out.append(memoryview(arr).cast("B") if arr.nbytes else b"")
 
 
 @register(np.generic)
@@ -287,8 +287,20 @@ def key(value: Any) -> Key:
     different kinds (``1`` and ``1.0``, ``"a"`` and ``b"a"``) give different
     keys; unknown types raise :class:`TypeError`.
     """
-    h = blake3(_DOMAIN)
-    h.update(_encoded(value))
+    out: list = [_DOMAIN]
+    _encode(value, out)
+    h = blake3()
+    small: list = []
+    for part in out:  # big buffers (arrays) go to the hasher without a copy
+        if len(part) > 4096:
+            if small:
+                h.update(b"".join(small))
+                small = []
+            h.update(part)
+        else:
+            small.append(part)
+    if small:
+        h.update(b"".join(small))
     return Key(h.digest(KEY_SIZE))
 
 
@@ -329,10 +341,10 @@ _ITEMS_DOMAIN = b"flow-items-v1\x00"
 
 def items_key(ids: Iterable[str], ckeys: Iterable[bytes]) -> Key:
     """The key of a set of items as a set node sees it: ids and content keys, in order."""
-    h = blake3(_ITEMS_DOMAIN)
-    for i, c in zip(ids, ckeys, strict=True):
-        raw = i.encode("utf-8")
-        h.update(struct.pack("<I", len(raw)))
-        h.update(raw)
-        h.update(c)
-    return Key(h.digest(KEY_SIZE))
+    ids, ckeys = list(ids), list(ckeys)
+    if len(ids) != len(ckeys):
+        raise ValueError("items_key needs one content key per id")
+    pack = struct.Struct("<I").pack
+    raws = [i.encode("utf-8") for i in ids]
+    buf = b"".join([b"".join((pack(len(r)), r, c)) for r, c in zip(raws, ckeys)])
+    return Key(blake3(_ITEMS_DOMAIN + buf).digest(KEY_SIZE))

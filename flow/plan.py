@@ -46,7 +46,10 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 from flow.graph import Graph, Step, toposort
-from flow.keys import item_key, items_key
+import numpy as np
+from blake3 import blake3
+
+from flow.keys import _ITEM_DOMAIN, KEY_SIZE, item_key, items_key
 
 __all__ = [
     "ItemTable",
@@ -65,6 +68,10 @@ class Status(IntEnum):
     FAILED = 2
     BLOCKED = 3
     PENDING = 4
+
+
+# plain ints for hot loops (an IntEnum attribute lookup costs ~5 us)
+FRESH, MISSING, FAILED, BLOCKED, PENDING = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ class StepPlan:
 
     name: str
     kind: str
-    status: list[int]
+    status: np.ndarray  # int8 Status per item (one entry for set steps)
     rkeys: list[bytes | None]
     ckeys: list[bytes | None]
     reasons: list[str | None]
@@ -136,11 +143,12 @@ class StepPlan:
     members: dict[str, list[int]] = field(default_factory=dict)  # set steps: rows per input
 
     def count(self, status: Status) -> int:
-        return sum(1 for s in self.status if s == status)
+        return int(np.count_nonzero(np.asarray(self.status) == status))
 
     def counts(self) -> dict[str, int]:
-        c = Counter(Status(s).name.lower() for s in self.status)
-        return {k: c.get(k, 0) for k in ("fresh", "missing", "pending", "failed", "blocked")}
+        c = np.bincount(np.asarray(self.status, np.int64), minlength=len(Status))
+        return {s.name.lower(): int(c[s]) for s in (Status.FRESH, Status.MISSING,
+                Status.PENDING, Status.FAILED, Status.BLOCKED)}  # fmt: skip
 
     def reason_counts(self) -> dict[str, int]:
         return dict(Counter(r for r in self.reasons if r))
@@ -148,7 +156,7 @@ class StepPlan:
     @property
     def done(self) -> bool:
         """Nothing left to run or wait for."""
-        return not any(s in (Status.MISSING, Status.PENDING) for s in self.status)
+        return not np.isin(np.asarray(self.status), _WAIT).any()
 
 
 @dataclass
@@ -161,7 +169,7 @@ class Plan:
         return all(sp.done for sp in self.steps.values())
 
     def missing(self, step: str) -> list[int]:
-        return [i for i, s in enumerate(self.steps[step].status) if s == Status.MISSING]
+        return np.flatnonzero(np.asarray(self.steps[step].status) == Status.MISSING).tolist()
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
@@ -189,12 +197,16 @@ def _plan_source(step: Step, items: ItemTable) -> StepPlan:
     if step.source == "file":
         k = items.files.get(step.name)
         st = Status.FRESH if k is not None else Status.BLOCKED
-        return StepPlan(step.name, "source", [st], [k], [k], [None])
+        return StepPlan(step.name, "source", np.array([st], np.int8), [k], [k], [None])
     keys = items.sources.get(step.name)
     if keys is None or len(keys) != len(items):
         raise ValueError(f"source {step.name!r}: the item table has no keys for it")
-    status = [Status.FRESH if k is not None else Status.BLOCKED for k in keys]
+    status = np.fromiter((k is None for k in keys), np.int8, len(keys)) * np.int8(Status.BLOCKED)
     return StepPlan(step.name, "source", status, list(keys), list(keys), [None] * len(keys))
+
+
+_BAD = (FAILED, BLOCKED)
+_WAIT = (MISSING, PENDING)
 
 
 def _plan_item_step(
@@ -205,48 +217,64 @@ def _plan_item_step(
     retry_failed: bool,
     reasons: bool,
 ) -> StepPlan:
-    prefix = bytes(step.prefix)
+    base = _ITEM_DOMAIN + bytes(step.prefix)  # item_key(prefix, inputs), inlined
     ins = [done[i.step] for i in step.inputs]
-    modes = [i.mode for i in step.inputs]
-    status: list[int] = [Status.FRESH] * n
+    blocked = np.zeros(n, bool)
+    pending = np.zeros(n, bool)
+    cols: list[Any] = []
+    for up, inp in zip(ins, step.inputs):
+        if inp.mode == "one":
+            s = up.status[0]
+            blocked |= s in _BAD
+            pending |= s in _WAIT
+            cols.append(None if s != Status.FRESH else up.ckeys[0])
+        else:
+            s = np.asarray(up.status)
+            blocked |= np.isin(s, _BAD)
+            pending |= np.isin(s, _WAIT)
+            cols.append(up.ckeys)
+    status = np.zeros(n, np.int8)
+    status[blocked] = Status.BLOCKED
+    waiting = pending & ~blocked
+    status[waiting] = Status.PENDING
+    why: list[str | None] = [None] * n
+    for i in np.flatnonzero(waiting).tolist():
+        why[i] = "input changed"
     rkeys: list[bytes | None] = [None] * n
     ckeys: list[bytes | None] = [None] * n
-    why: list[str | None] = [None] * n
+    ready = np.flatnonzero(~(blocked | pending)).tolist()
+    if not ready:
+        return StepPlan(step.name, "item", status, rkeys, ckeys, why)
+    if len(step.inputs) == 1 and step.inputs[0].mode != "one":
+        col = cols[0]
+        rks = [blake3(base + col[i]).digest(KEY_SIZE) for i in ready]
+    else:
+        wires = [(c, inp.mode == "one") for c, inp in zip(cols, step.inputs)]
+        rks = []
+        for i in ready:
+            buf = base
+            for c, one in wires:
+                buf += c if one else c[i]
+            rks.append(blake3(buf).digest(KEY_SIZE))
     index = catalog.index if catalog is not None else {}
     failed = catalog.failed if catalog is not None else {}
-    one_keys = [up.ckeys[0] if m == "one" else None for up, m in zip(ins, modes)]
-    one_status = [up.status[0] if m == "one" else None for up, m in zip(ins, modes)]
-    for i in range(n):
-        keys = []
-        blocked = pending = False
-        for j, up in enumerate(ins):
-            st = one_status[j] if modes[j] == "one" else up.status[i]
-            if st == Status.FRESH:
-                keys.append(one_keys[j] if modes[j] == "one" else up.ckeys[i])
-            elif st in (Status.FAILED, Status.BLOCKED):
-                blocked = True
-            else:
-                pending = True
-        if blocked:
-            status[i] = Status.BLOCKED
-            continue
-        if pending:
-            status[i] = Status.PENDING
-            why[i] = "input changed"
-            continue
-        rk = item_key(prefix, keys)
+    for i, rk in zip(ready, rks):
         rkeys[i] = rk
         row = index.get(rk)
         if row is not None:
             ckeys[i] = catalog.ckey(row)  # type: ignore[union-attr]
         elif rk in failed and not retry_failed:
-            status[i] = Status.FAILED
+            status[i] = FAILED
         else:
-            status[i] = Status.MISSING
+            status[i] = MISSING
             if rk in failed:
                 why[i] = "retry"
             elif reasons and catalog is not None:
-                why[i] = ("inputs", b"".join(keys).hex())  # type: ignore[assignment]
+                keys = b"".join(
+                    cols[j] if inp.mode == "one" else cols[j][i]
+                    for j, inp in enumerate(step.inputs)
+                )
+                why[i] = ("inputs", keys.hex())  # type: ignore[assignment]
             else:
                 why[i] = "missing"
     return StepPlan(step.name, "item", status, rkeys, ckeys, why)
@@ -276,35 +304,41 @@ def _plan_set_step(
             continue
         rows = []
         splits = set(inp.splits) if inp.splits is not None else None
-        for i, st in enumerate(up.status):
-            if splits is not None and items.splits[i] not in splits:
-                continue
-            if st == Status.FRESH:
-                rows.append(i)
-            elif st in (Status.FAILED, Status.BLOCKED):
-                excluded += 1
-            else:
-                state = Status.PENDING
+        ups = np.asarray(up.status)
+        if splits is not None:
+            sel = np.fromiter((s in splits for s in items.splits), bool, len(items.splits))
+        else:
+            sel = np.ones(len(ups), bool)
+        rows = np.flatnonzero(sel & (ups == Status.FRESH)).tolist()
+        excluded += int(np.count_nonzero(sel & np.isin(ups, _BAD)))
+        if np.isin(ups[sel], _WAIT).any():
+            state = Status.PENDING
         members[inp.step] = rows
         digests.append(items_key([items.ids[i] for i in rows], [up.ckeys[i] for i in rows]))
     if state == Status.PENDING:
-        return StepPlan(step.name, "set", [Status.PENDING], [None], [None], ["input changed"],
-                        excluded, members)  # fmt: skip
+        return StepPlan(step.name, "set", _one(Status.PENDING), [None], [None],
+                        ["input changed"], excluded, members)  # fmt: skip
     if state == Status.BLOCKED:
-        return StepPlan(step.name, "set", [Status.BLOCKED], [None], [None], [None], excluded)
-    rk = item_key(bytes(step.prefix), digests)
+        return StepPlan(step.name, "set", _one(Status.BLOCKED), [None], [None], [None], excluded)
+    rk = bytes(item_key(bytes(step.prefix), digests))
     obj = objects.get(rk) if objects is not None else None
     if obj is not None and not obj.failed:
-        return StepPlan(step.name, "set", [Status.FRESH], [rk], [obj.ckey], [None],
+        return StepPlan(step.name, "set", _one(Status.FRESH), [rk], [obj.ckey], [None],
                         excluded, members)  # fmt: skip
     if obj is not None and obj.failed and not retry_failed:
-        return StepPlan(step.name, "set", [Status.FAILED], [rk], [None], [None], excluded, members)
+        return StepPlan(step.name, "set", _one(Status.FAILED), [rk], [None], [None], excluded,
+                        members)  # fmt: skip
     if obj is not None:
         reason = "retry"
     else:
         prev = objects.previous(step.name) if objects is not None else None
         reason = _reason(step, prev, b"".join(digests).hex())
-    return StepPlan(step.name, "set", [Status.MISSING], [rk], [None], [reason], excluded, members)
+    return StepPlan(step.name, "set", _one(Status.MISSING), [rk], [None], [reason], excluded,
+                    members)  # fmt: skip
+
+
+def _one(status: Status) -> np.ndarray:
+    return np.array([status], np.int8)
 
 
 def plan(
@@ -347,4 +381,4 @@ def plan(
 
 def stale_rows(sp: StepPlan) -> Sequence[int]:
     """Rows of a step that a build would run or wait for."""
-    return [i for i, s in enumerate(sp.status) if s in (Status.MISSING, Status.PENDING)]
+    return np.flatnonzero(np.isin(np.asarray(sp.status), _WAIT)).tolist()

@@ -107,9 +107,10 @@ class Project:
                 cache.save()
             table = _read_labels(src, rels) if src.labels else {}
             base = len(ids)
+            real = os.path.realpath(src.path)
             for i, rel in enumerate(rels):
                 ids.append(f"{src.name}/{rel}" if multi else rel)
-                paths.append(os.path.join(os.path.realpath(src.path), rel))
+                paths.append(f"{real}/{rel}")
                 lab, split = table.get(i, ((), src.default_split))
                 labels.append(lab)
                 splits.append(split)

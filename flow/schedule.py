@@ -46,9 +46,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from flow.errors import FlowError
 from flow.graph import Graph, Step, phases, toposort
-from flow.plan import ItemTable, Plan, Status, plan
+from flow.plan import BLOCKED, FAILED, FRESH, MISSING, PENDING, ItemTable, Plan, plan
 from flow.worker import ChainItem, ChainStep, Context, run_chain, run_set
 
 __all__ = ["BuildReport", "Executor", "build", "get_executor"]
@@ -402,7 +404,7 @@ class Builder:
 
     def _ext_entry(self, p: Plan, name: str, i: int) -> tuple | None:
         sp = p.steps[name]
-        if sp.status[i] != Status.FRESH:
+        if sp.status[i] != FRESH:
             return None
         up = self.graph[name]
         if up.kind == "source":
@@ -422,12 +424,12 @@ class Builder:
             st = sp.status[i]
             k: dict = {}
             f: set = set()
-            if st == Status.FRESH:
+            if st == FRESH:
                 row = cat.index[sp.rkeys[i]]  # type: ignore[index]
                 k[sp.rkeys[i]] = (sp.ckeys[i], *cat.location(row))
-            elif st == Status.FAILED:
+            elif st == FAILED:
                 f.add(sp.rkeys[i])
-            elif st == Status.PENDING:
+            elif st == PENDING:
                 for row in cat.rows_for(name, item_id):
                     k[cat.rkeys[row].tobytes()] = (cat.ckey(row), *cat.location(row))
                 f.update(cat.failed_for(name, item_id))
@@ -437,14 +439,10 @@ class Builder:
         return ChainItem(item_id, ext, known, failed)
 
     def _run_item_phase(self, p: Plan, chain: list[str]) -> None:
-        work = sorted(
-            {
-                i
-                for name in chain
-                for i, s in enumerate(p.steps[name].status)
-                if s in (Status.MISSING, Status.PENDING)
-            }
-        )
+        waiting = np.zeros(len(self.items), bool)
+        for name in chain:
+            waiting |= np.isin(p.steps[name].status, (MISSING, PENDING))
+        work = np.flatnonzero(waiting).tolist()
         if not work:
             return
         steps, ext_names, ones = self._chain_tasks(p, chain)
@@ -540,7 +538,7 @@ class Builder:
         assert self.report is not None
         p = self.plan()
         while True:
-            ready = [n for n in set_steps if p.steps[n].status[0] == Status.MISSING]
+            ready = [n for n in set_steps if p.steps[n].status[0] == MISSING]
             if not ready or self._stop:
                 return p
             futs = {}
@@ -629,14 +627,12 @@ class Builder:
             sp = p.steps[name]
             if st.kind == "source":
                 errs = self.items.source_errors.get(name, {})
-                for i, s in enumerate(sp.status):
-                    if s == Status.BLOCKED and i in errs:
+                for i, s in sorted(errs.items()):
+                    if sp.status[i] == BLOCKED:
                         out.append(Failure(name, self.items.ids[i], "SourceError", errs[i],
                                            new=False, bad_input=True))  # fmt: skip
                 continue
-            for i, s in enumerate(sp.status):
-                if s != Status.FAILED:
-                    continue
+            for i in np.flatnonzero(sp.status == FAILED).tolist():
                 item_id = self.items.ids[i] if st.kind == "item" else "<set>"
                 if (name, item_id) in new:
                     continue

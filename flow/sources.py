@@ -20,11 +20,12 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,8 +36,7 @@ DEFAULT_INCLUDE = ("*.dcm", "*.dicom", "*.png", "*.jpg", "*.jpeg", "*.DCM", "*.P
 _RECENT_NS = 2_000_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class FileStat:
+class FileStat(NamedTuple):
     size: int
     mtime_ns: int
     ino: int
@@ -57,6 +57,7 @@ def scan_folder(
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
+    wanted = _matcher(include, exclude, extensionless)
     found: list[tuple[str, FileStat]] = []
     stack = [""]
     while stack:
@@ -67,9 +68,10 @@ def scan_folder(
         except OSError:
             continue
         for e in entries:
-            if e.name.startswith("."):
+            name = e.name
+            if name[0] == ".":
                 continue
-            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            rel = f"{rel_dir}/{name}" if rel_dir else name
             try:
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
@@ -78,13 +80,8 @@ def scan_folder(
                 if e.is_dir():
                     stack.append(rel)
                     continue
-                if not e.is_file():
+                if not wanted(name, rel) or not e.is_file():
                     continue
-            except OSError:
-                continue
-            if not _wanted(e.name, rel, include, exclude, extensionless):
-                continue
-            try:
                 st = e.stat()
             except OSError:
                 continue
@@ -93,12 +90,25 @@ def scan_folder(
     return [f[0] for f in found], [f[1] for f in found]
 
 
-def _wanted(name: str, rel: str, include: Sequence[str], exclude: Sequence[str], bare: bool) -> bool:
-    if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in exclude):
-        return False
-    if bare and "." not in name:
-        return True
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in include)
+def _matcher(include: Sequence[str], exclude: Sequence[str], bare: bool):
+    """A fast ``(name, rel) -> bool`` for glob patterns (``*.ext`` by suffix)."""
+    suffixes = tuple(p[1:] for p in include if p.startswith("*.") and not _magic(p[2:]))
+    globs = [p for p in include if not (p.startswith("*.") and not _magic(p[2:]))]
+    inc = re.compile("|".join(fnmatch.translate(p) for p in globs)) if globs else None
+    exc = re.compile("|".join(fnmatch.translate(p) for p in exclude)) if exclude else None
+
+    def wanted(name: str, rel: str) -> bool:
+        if exc is not None and (exc.match(name) or exc.match(rel)):
+            return False
+        if name.endswith(suffixes) or (bare and "." not in name):
+            return True
+        return inc is not None and bool(inc.match(name) or inc.match(rel))
+
+    return wanted
+
+
+def _magic(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
 
 
 class StatCache:

@@ -141,5 +141,5 @@ def synthetic_inputs(folder: str | Path, store: Any = None, include=("*.bin",)):
     if cache is not None:
         cache.save()
     items = ItemTable(rels, [""] * len(rels), {"files": keys}, source_errors={"files": errors})
-    sources = Sources({"files": [("file", os.path.join(root, r), k) for r, k in zip(rels, keys)]})
+    sources = Sources({"files": [("file", f"{root}/{r}", k) for r, k in zip(rels, keys)]})
     return items, sources

@@ -78,6 +78,8 @@ class Catalog:
     _latest: dict | None = None
     _by_id: dict | None = None
     _failed_by_id: dict | None = None
+    _ckey_list: list | None = None
+    _loc: tuple | None = None
 
     # -- lookups --------------------------------------------------------------
 
@@ -86,10 +88,8 @@ class Catalog:
         """Recipe key -> row (the first stored copy wins)."""
         if self._index is None:
             raw = self.rkeys.tobytes()
-            n = len(self.rkeys)
-            idx: dict[bytes, int] = {}
-            for i in range(n - 1, -1, -1):  # reversed so the first copy wins
-                idx[raw[i * KEY_SIZE : (i + 1) * KEY_SIZE]] = i
+            keys = [raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)]
+            idx = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))  # first copy wins
             self._index = idx
         return self._index
 
@@ -139,10 +139,16 @@ class Catalog:
         return self._failed_by_id.get((step, item_id), set())
 
     def ckey(self, row: int) -> bytes:
-        return self.ckeys[row].tobytes()
+        if self._ckey_list is None:
+            raw = self.ckeys.tobytes()
+            self._ckey_list = [raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)]
+        return self._ckey_list[row]
 
     def location(self, row: int) -> tuple[str, int]:
-        return self.packs[int(self.pack[row])].id, int(self.pos[row])
+        if self._loc is None:
+            ids = [p.id for p in self.packs]
+            self._loc = ([ids[p] for p in self.pack.tolist()], self.pos.tolist())
+        return self._loc[0][row], self._loc[1][row]
 
     def __len__(self) -> int:
         return len(self.rkeys)
@@ -183,7 +189,7 @@ class Catalog:
         self.pack, self.pos = np.concatenate(pk), np.concatenate(ps)
         self.failed_rkeys, self.failed_pack = np.concatenate(frk), np.concatenate(fpk)
         self._index = self._failed_index = self._latest = self._by_id = None
-        self._failed_by_id = None
+        self._failed_by_id = self._ckey_list = self._loc = None
 
     def _keep_packs(self, keep: set[str]) -> None:
         """Drop the rows of packs not in ``keep`` (they were collected)."""
@@ -205,7 +211,7 @@ class Catalog:
         self.failed_pack = mapping[self.failed_pack[frows]]
         self.failed_ids = [x for x, k in zip(self.failed_ids, frows) if k]
         self._index = self._failed_index = self._latest = self._by_id = None
-        self._failed_by_id = None
+        self._failed_by_id = self._ckey_list = self._loc = None
 
     # -- cache ------------------------------------------------------------------
 

@@ -1,0 +1,240 @@
+"""Operator commands: ``flow log``, ``explain``, ``verify``, ``gc``, ``graph``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from cli._fmt import table
+from cli.main import handle_errors, pass_ctx
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+@click.command("log")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+@handle_errors
+def log(ctx, target, as_json):
+    """The history of TARGET's ref: every index it pointed at, newest first."""
+    from store.refs import ref_history
+
+    store = ctx.workspace.store
+    hist = ref_history(store, target)
+    if not hist:
+        click.echo(f"error: no ref named {target!r} (build it first)", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(list(reversed(hist)), indent=2))
+        return
+    rows = []
+    for e in reversed(hist):
+        v = e.get("value", {})
+        ix = v.get("index", ["", ""])
+        rows.append([f"#{e['seq']}", _when(e["time"]), f"{e.get('user', '')}@{e.get('host', '')}",
+                     f"{ix[0]} {ix[1][:12]}", e.get("message", "")])  # fmt: skip
+    click.echo(table(["seq", "time", "by", "index", "message"], rows, right=set()))
+
+
+@click.command()
+@click.argument("what")
+@click.option("--depth", default=8, show_default=True, help="How far to follow inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+@handle_errors
+def explain(ctx, what, depth, as_json):
+    """Lineage of a stored KEY, or of everything derived from a FILE.
+
+    For a key (a recipe or content key, or a unique prefix of 6+ hex digits):
+    the node, version, parameters, time and host that made it, and the same
+    for each of its inputs.  For a source file: what every step made from it,
+    and which indices hold it.
+    """
+    from store.lineage import Lineage, tree
+
+    ws = ctx.workspace
+    lin = Lineage(ws.store)
+    if os.path.exists(what):
+        from flow.keys import file_key
+
+        k = file_key(what).hex()
+        recs = lin.downstream(k, depth)
+        held = _indices_holding(ws, what)
+        if as_json:
+            click.echo(json.dumps({"file": what, "key": k, "derived": [r.to_json() for r in recs],
+                                   "indices": held}, indent=2))  # fmt: skip
+            return
+        click.echo(f"{what}\nkey {k}")
+        click.echo("\n".join(tree(recs)) if recs else "  (nothing stored from this file)")
+        for h in held:
+            click.echo(f"in index {h['target']} (ref #{h['seq']}) as {h['id']!r}, labels "
+                       f"{h['labels'] or '-'}")  # fmt: skip
+        return
+    try:
+        recs = lin.find(what)
+    except ValueError as e:
+        click.echo(f"error: {e}; or give a path to a source file", err=True)
+        sys.exit(2)
+    if not recs:
+        click.echo(f"error: no stored item or object has a key starting with {what}", err=True)
+        sys.exit(1)
+    recs = [lin.upstream(r, depth) for r in recs]
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in recs], indent=2))
+        return
+    click.echo("\n".join(tree(recs)))
+
+
+def _indices_holding(ws, path: str) -> list[dict]:
+    """Targets whose current index holds the item of ``path``."""
+    from nodes.retrieval import Retriever
+    from store.refs import read_ref
+
+    items, _, meta = ws.items()
+    real = os.path.realpath(path)
+    ids = [i for i, p in zip(items.ids, meta["paths"]) if p == real]
+    out = []
+    for t in ws.targets:
+        ref = read_ref(ws.store, t)
+        if ref is None or not ids:
+            continue
+        try:
+            r = Retriever(ws.store, ref)
+        except Exception:  # noqa: BLE001 - a target we can't open holds nothing we can show
+            continue
+        for iid in ids:
+            if iid in r.ids:
+                j = r.ids.index(iid)
+                out.append({"target": t, "seq": ref["seq"], "id": iid,
+                            "labels": "|".join(r.labels[j])})  # fmt: skip
+    return out
+
+
+@click.command()
+@click.option("--no-repair", is_flag=True, help="Only report; don't quarantine.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+@handle_errors
+def verify(ctx, no_repair, as_json):
+    """Check every stored pack and object against its checksums.
+
+    Arrays carry CRC32C checksums, blobs their BLAKE3 keys, and every item's
+    content key is recomputed from what reads back.  Corrupt packs and objects
+    are quarantined (their manifests move to quarantine/), so the next build
+    recomputes them.  Exit status 1 if anything was corrupt.
+    """
+    from store.maintenance import verify as run_verify
+
+    store = ctx.workspace.store
+    checked = {"pack": 0, "object": 0}
+
+    def progress(kind, node, ident, why):
+        checked[kind] += 1
+
+    problems = run_verify(store, repair=not no_repair, progress=progress)
+    if as_json:
+        click.echo(json.dumps({"checked": checked, "problems": [p.__dict__ for p in problems]},
+                              indent=2))  # fmt: skip
+    else:
+        click.echo(f"checked {checked['pack']} packs and {checked['object']} objects: "
+                   f"{len(problems)} corrupt")  # fmt: skip
+        for p in problems:
+            action = "reported" if no_repair else "quarantined; the next build recomputes it"
+            click.echo(f"  {p.kind} {p.node}/{p.id}"
+                       f"{f' ({p.items} items)' if p.items else ''}: {p.reason} -- {action}")
+    if problems:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--delete", is_flag=True, help="Delete (default: a dry run that only reports).")
+@click.option("--keep", default=5, show_default=True,
+              help="Ref history entries (besides the current one) whose objects are kept.")
+@click.option("--grace", default=3600.0, show_default=True,
+              help="Seconds: anything younger is kept (a build may be writing it).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+@handle_errors
+def gc(ctx, delete, keep, grace, as_json):
+    """Delete what no ref, recent ref history or current build uses.
+
+    Live: objects named by each ref's current entry and its --keep previous
+    ones, and everything the current project's plan uses (so the next build
+    computes nothing).  Dead: other packs and objects, leftovers of killed
+    writers, temporary files, the quarantine.  Dry run unless --delete.
+    """
+    from flow.plan import FAILED, FRESH
+    from store.maintenance import collect
+
+    ws = ctx.workspace
+    p = ws.plan("all", reasons=False)
+    pe = ws.plan("all", eval=True, reasons=False)
+    live_items: dict[str, set] = {}
+    live_objects: set = set()
+    for pl, g in ((p, ws.subgraph("all")), (pe, ws.subgraph("all", eval=True))):
+        for name, sp in pl.steps.items():
+            st = g[name]
+            if st.kind == "source":
+                continue
+            keep_rows = [rk for s, rk in zip(sp.status, sp.rkeys)
+                         if s in (FRESH, FAILED) and rk is not None]  # fmt: skip
+            if st.kind == "item":
+                live_items.setdefault(st.node_name, set()).update(keep_rows)
+            else:
+                live_objects.update((st.node_name, bytes(rk).hex()) for rk in keep_rows)
+    res = collect(ws.store, live_items=live_items, live_objects=live_objects, keep=keep,
+                  grace=grace, delete=delete)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({
+            "deleted": res.deleted, "files": res.files, "bytes": res.bytes,
+            "kept_packs": res.kept_packs, "kept_objects": res.kept_objects,
+            "dead": {k: [p for p, _ in v] for k, v in res.dead.items()},
+        }, indent=2))  # fmt: skip
+        return
+    verb = "deleted" if res.deleted else "would delete"
+    click.echo(f"{verb} {res.files} files, {_human(res.bytes)}; kept {res.kept_packs} packs "
+               f"and {res.kept_objects} objects")  # fmt: skip
+    for reason, files in res.dead.items():
+        click.echo(f"  {reason}: {len(files)} files, {_human(sum(s for _, s in files))}")
+    if not res.deleted and res.files:
+        click.echo("(dry run: rerun with --delete)")
+
+
+@click.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("-t", "--target", "targets", multiple=True, help="Target(s); default all.")
+@pass_ctx
+@handle_errors
+def graph(ctx, output, targets):
+    """Draw the targets' graph to OUTPUT (.png, .svg, or .dot), stale steps marked."""
+    from cli.build import _targets
+    from flow.draw import dot, draw
+
+    ws = ctx.workspace
+    names = _targets(targets)
+    g = ws.subgraph(names)
+    summary = ws.plan(names, reasons=False).summary()
+    if output.endswith(".dot"):
+        with open(output, "w") as fh:
+            fh.write(dot(g, summary) + "\n")
+    else:
+        draw(g, output, summary, title=f"{ws.project.file}")
+    click.echo(f"wrote {output}")
+
+
+commands = [log, explain, verify, gc, graph]

@@ -1,0 +1,283 @@
+"""Keeping a store healthy: verify, quarantine, garbage collection.
+
+``verify`` re-reads every pack and object: zarr's CRC32C codec catches a
+flipped bit in a chunk, blob sizes and BLAKE3 keys are compared with their
+manifest, and every item's content key is recomputed from the values read
+back and compared with the ``ckey`` the manifest recorded.  A corrupt pack or
+object is **quarantined**: its manifest moves to ``quarantine/`` (kept for
+inspection, never read by builds), so the catalog stops listing it and the
+next build recomputes its items.  Nothing else is touched.
+
+``gc`` deletes what nothing needs.  Live are:
+
+* the objects the refs name, in their current entry and their ``keep``
+  most recent history entries (so ``flow log`` can still roll back);
+* everything a plan of the current project uses (``live`` keys passed in:
+  fresh item outputs and failure records, set outputs) -- so a build right
+  after gc computes nothing;
+* anything younger than ``grace`` seconds (a build running now may be
+  writing it, and its manifest comes last).
+
+Dead are packs none of whose items are live, objects no ref or plan names,
+payload folders no manifest names (a killed writer's leftovers), temporary
+files, and the quarantine.  ``gc`` is a dry run unless ``delete=True`` and
+reports what it would free, in files and bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flow.errors import CorruptObject, StoreError
+from flow.keys import KEY_SIZE, key
+from store.abc import Store
+from store.packs import PackReader, loads, read_object
+from store.refs import list_refs, ref_history
+
+# --------------------------------------------------------------------------
+# verify
+
+
+@dataclass
+class Problem:
+    kind: str  # "pack" or "object"
+    node: str
+    id: str  # pack id or object rkey
+    reason: str
+    items: int = 0
+
+
+def quarantine(store: Store, kind: str, node: str, ident: str, reason: str) -> None:
+    """Take a pack's or object's manifest out of service (the next build redoes it)."""
+    src = f"{'packs' if kind == 'pack' else 'objects'}/{node}/{ident}.json"
+    try:
+        data = store.get(src)
+    except FileNotFoundError:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    store.put(f"quarantine/{kind}s/{node}/{ident}.{stamp}.json", data)
+    store.put(f"quarantine/{kind}s/{node}/{ident}.{stamp}.reason.txt", reason.encode())
+    store.delete([src])
+
+
+def _nodes(store: Store, top: str) -> list[str]:
+    return [n for n in store.list(top) if not n.endswith(".json")]
+
+
+def verify_pack(store: Store, node: str, pack_id: str) -> str | None:
+    """None if the pack reads back intact, else the reason it doesn't."""
+    try:
+        reader = PackReader.open(store, node, pack_id)
+    except (StoreError, CorruptObject) as e:
+        return str(e)
+    n = reader.manifest["n"]
+    if not n:
+        return None
+    try:
+        values = reader.read(list(range(n)))
+    except CorruptObject as e:
+        return str(e.__cause__ or e)
+    except Exception as e:  # noqa: BLE001 - any unreadable array is corruption
+        return f"unreadable: {type(e).__name__}: {e}"
+    for pos, v in enumerate(values):
+        if bytes(key(v)) != reader.ckey(pos):
+            item = reader.manifest["ids"][pos]
+            return f"item {item} reads back with a different content key"
+    return None
+
+
+def verify_object(store: Store, node: str, rkey_hex: str) -> str | None:
+    where = f"objects/{node}/{rkey_hex}.json"
+    try:
+        doc = loads(store.get(where), where)
+    except FileNotFoundError:
+        return None
+    except CorruptObject as e:
+        return str(e)
+    if "failure" in doc:
+        return None
+    try:
+        value = read_object(store, node, bytes.fromhex(rkey_hex), doc)
+    except (CorruptObject, StoreError) as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable: {type(e).__name__}: {e}"
+    if key(value).hex() != doc["ckey"]:
+        return "reads back with a different content key"
+    return None
+
+
+def verify(store: Store, *, repair: bool = True, progress: Any = None) -> list[Problem]:
+    """Check every pack and object; quarantine the corrupt ones (``repair``)."""
+    problems: list[Problem] = []
+    todo: list[tuple[str, str, str]] = []
+    for node in _nodes(store, "packs"):
+        for name in store.list(f"packs/{node}"):
+            if name.endswith(".json"):
+                todo.append(("pack", node, name[:-5]))
+    for node in _nodes(store, "objects"):
+        for name in store.list(f"objects/{node}"):
+            if name.endswith(".json"):
+                todo.append(("object", node, name[:-5]))
+    for kind, node, ident in todo:
+        why = verify_pack(store, node, ident) if kind == "pack" else verify_object(
+            store, node, ident)  # fmt: skip
+        if progress is not None:
+            progress(kind, node, ident, why)
+        if why is None:
+            continue
+        n = 0
+        if kind == "pack":
+            try:
+                n = loads(store.get(f"packs/{node}/{ident}.json"), ident).get("n", 0)
+            except (FileNotFoundError, CorruptObject):
+                pass
+        problems.append(Problem(kind, node, ident, why, n))
+        if repair:
+            quarantine(store, kind, node, ident, why)
+    return problems
+
+
+# --------------------------------------------------------------------------
+# gc
+
+
+@dataclass
+class Collection:
+    """What gc found: paths to delete and why, with their sizes."""
+
+    dead: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # reason -> files
+    kept_packs: int = 0
+    kept_objects: int = 0
+    deleted: bool = False
+
+    @property
+    def files(self) -> int:
+        return sum(len(v) for v in self.dead.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(s for v in self.dead.values() for _, s in v)
+
+    def add(self, reason: str, path: str, size: int) -> None:
+        self.dead.setdefault(reason, []).append((path, size))
+
+
+def ref_roots(store: Store, keep: int = 5) -> set[tuple[str, str]]:
+    """(node, rkey) of the objects named by every ref's latest ``keep + 1`` entries."""
+    roots: set[tuple[str, str]] = set()
+    for name in list_refs(store):
+        for entry in ref_history(store, name)[-(keep + 1) :]:
+            for node, rk in entry.get("objects", []):
+                roots.add((node, rk))
+    return roots
+
+
+def collect(
+    store: Store,
+    *,
+    live_items: dict[str, Iterable[bytes]] | None = None,
+    live_objects: Iterable[tuple[str, str]] = (),
+    keep: int = 5,
+    grace: float = 3600.0,
+    delete: bool = False,
+) -> Collection:
+    """Find (and with ``delete=True`` remove) what no ref, history or plan needs.
+
+    ``live_items`` maps a node to the recipe keys (fresh or failed) that the
+    current plan uses; ``live_objects`` are ``(node, rkey_hex)`` set outputs
+    it uses.  Without a plan (no project), only refs keep packs alive... which
+    would drop every per-item output, so a caller without a plan must pass
+    ``live_items=None`` to keep all packs.
+    """
+    now = time.time()
+    out = Collection()
+    files = {e.path: e for e in store.walk("")}
+
+    def young(path: str) -> bool:
+        e = files.get(path)
+        return e is not None and now - e.mtime < grace
+
+    def under(prefix: str) -> list[str]:
+        return [p for p in files if p.startswith(prefix)]
+
+    roots = ref_roots(store, keep) | set(live_objects)
+    # objects
+    for node in _nodes(store, "objects"):
+        names = store.list(f"objects/{node}")
+        manifests = {n[:-5] for n in names if n.endswith(".json")}
+        for rk in sorted(manifests):
+            base = f"objects/{node}/{rk}"
+            if (node, rk) in roots or young(f"{base}.json"):
+                out.kept_objects += 1
+                try:
+                    payload = loads(store.get(f"{base}.json"), base).get("payload")
+                except (FileNotFoundError, CorruptObject):
+                    payload = None
+                for p in under(f"{base}/"):
+                    if payload is None or p.split("/")[3] != payload:
+                        if not young(p):
+                            out.add("unreferenced object payloads", p, files[p].size)
+                continue
+            for p in [f"{base}.json", *under(f"{base}/")]:
+                if p in files:
+                    out.add("objects no ref or plan uses", p, files[p].size)
+        for d in sorted(set(n for n in names if not n.endswith(".json")) - manifests):
+            for p in under(f"objects/{node}/{d}/"):
+                if not young(p):
+                    out.add("payloads of unfinished writes", p, files[p].size)
+    # packs
+    for node in _nodes(store, "packs"):
+        names = store.list(f"packs/{node}")
+        manifests = {n[:-5] for n in names if n.endswith(".json")}
+        live = None if live_items is None else {bytes(k) for k in live_items.get(node, ())}
+        for pid in sorted(manifests):
+            base = f"packs/{node}/{pid}"
+            keep_it = live is None or young(f"{base}.json")
+            if not keep_it:
+                try:
+                    doc = loads(store.get(f"{base}.json"), base)
+                except (FileNotFoundError, CorruptObject):
+                    doc = {"rkeys": "", "failures": []}
+                raw = bytes.fromhex(doc.get("rkeys", ""))
+                rks = {raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)}
+                rks |= {bytes.fromhex(f["rkey"]) for f in doc.get("failures", [])}
+                keep_it = bool(rks & live)  # type: ignore[operator]
+            if keep_it:
+                out.kept_packs += 1
+                continue
+            for p in [f"{base}.json", *under(f"{base}/")]:
+                if p in files:
+                    out.add("packs no plan uses", p, files[p].size)
+        for d in sorted(set(n for n in names if not n.endswith(".json")) - manifests):
+            for p in under(f"packs/{node}/{d}/"):
+                if not young(p):
+                    out.add("packs of unfinished writes", p, files[p].size)
+    for p in under("tmp/"):
+        if not young(p):
+            out.add("temporary files", p, files[p].size)
+    for p in under("quarantine/"):
+        out.add("quarantined manifests", p, files[p].size)
+    if delete:
+        for paths in out.dead.values():
+            store.delete([p for p, _ in paths])
+        _prune_empty_dirs(store)
+        out.deleted = True
+    return out
+
+
+def _prune_empty_dirs(store: Store) -> None:
+    root = store.local_path("")
+    if root is None:
+        return  # object stores have no folders
+    import os
+
+    for dirpath, dirs, files in os.walk(root, topdown=False):
+        if dirpath != root and not dirs and not files:
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
