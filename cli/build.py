@@ -29,12 +29,17 @@ def _targets(values: tuple[str, ...]) -> list[str] | str:
 @click.option("--fail-fast", is_flag=True,
               help="Stop scheduling new work after the first failed item (default: keep going, "
                    "finish everything else, exit 1 and list the failures).")
+@click.option("--retrain", is_flag=True,
+              help="Refit vocabularies, embedders and coders on the current training items "
+                   "(default: a fit is pinned once built and new studies don't retrain it).")
+@click.option("--compact", is_flag=True, help="Merge each target's index segments into one.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @pass_ctx
 @handle_errors
-def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, progress, as_json):
+def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, retrain, compact,
+          progress, as_json):
     """Build the targets' indices, computing only what is stale.
 
     Every item that fails (a broken file, a node error) is recorded with its
@@ -43,16 +48,19 @@ def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, progr
     Interrupting (Ctrl-C) loses nothing that finished: rerun to continue.
     """
     ws = ctx.workspace
+    if retrain:
+        ws.retrain, ws._graph = True, None
     items = ws.items()[0]
     ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); "
             f"store {ws.store.url}")
     built = ws.build(_targets(targets), scheduler=scheduler, workers=workers,
-                     retry_failed=retry_failed, fail_fast=fail_fast,
+                     retry_failed=retry_failed, fail_fast=fail_fast, compact=compact,
                      progress=False if ctx.quiet else progress, log=ctx.log)
     rep = built.report
     if as_json:
         doc = rep.to_json()
-        doc["refs"] = {t: e["value"]["index"] for t, e in built.moved.items()}
+        doc["refs"] = {t: e["value"]["segments"] for t, e in built.moved.items()}
+        doc["fits"] = built.fits
         doc["unchanged"] = built.unchanged
         doc["incomplete"] = built.incomplete
         from nodes.api import dumps
@@ -83,8 +91,11 @@ def _print_report(ctx, built) -> None:
         click.echo(table(["step", "kind", "computed", "cut off", "failed", "fresh", "time"],
                          rows, right={2, 3, 4, 5, 6}))
     for t, e in built.moved.items():
-        click.echo(f"ref {t} -> {e['value']['index'][0]} {e['value']['index'][1][:12]} "
-                   f"(#{e['seq']})")
+        segs = e["value"]["segments"]
+        click.echo(f"ref {t} -> #{e['seq']}: {sum(s['count'] for s in segs)} items in "
+                   f"{len(segs)} segment(s)")
+    for f in built.fits:
+        ctx.log(f"fit {f} pinned (later builds reuse it; --retrain refits)")
     for t in built.unchanged:
         ctx.log(f"ref {t} unchanged")
     for t, why in built.incomplete.items():

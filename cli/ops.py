@@ -44,11 +44,13 @@ def log(ctx, target, as_json):
         return
     rows = []
     for e in reversed(hist):
-        v = e.get("value", {})
-        ix = v.get("index", ["", ""])
+        segs = e.get("value", {}).get("segments", [])
+        first = segs[0]["index"] if segs else ["", ""]
         rows.append([f"#{e['seq']}", _when(e["time"]), f"{e.get('user', '')}@{e.get('host', '')}",
-                     f"{ix[0]} {ix[1][:12]}", e.get("message", "")])  # fmt: skip
-    click.echo(table(["seq", "time", "by", "index", "message"], rows, right=set()))
+                     sum(s.get("count", 0) for s in segs), len(segs),
+                     f"{first[0]} {first[1][:12]}", e.get("message", "")])  # fmt: skip
+    click.echo(table(["seq", "time", "by", "items", "segments", "first segment", "message"],
+                     rows, right={3, 4}))
 
 
 @click.command()
@@ -198,7 +200,7 @@ def gc(ctx, delete, keep, grace, as_json):
             else:
                 live_objects.update((st.node_name, bytes(rk).hex()) for rk in keep_rows)
     res = collect(ws.store, live_items=live_items, live_objects=live_objects, keep=keep,
-                  grace=grace, delete=delete)  # fmt: skip
+                  grace=grace, delete=delete, purge=ws.forgotten_ids())  # fmt: skip
     if as_json:
         click.echo(json.dumps({
             "deleted": res.deleted, "files": res.files, "bytes": res.bytes,

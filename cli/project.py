@@ -163,7 +163,8 @@ def demo(ctx, folder, n, epochs, scheduler, k):
 
     try:
         cctx.invoke(build, what="index", targets=("all",), scheduler=None, workers=None,
-                    retry_failed=False, fail_fast=False, progress=None, as_json=False)
+                    retry_failed=False, fail_fast=False, retrain=False, compact=False,
+                    progress=None, as_json=False)
     except SystemExit as e:
         if e.code not in (0, None):
             raise

@@ -10,13 +10,16 @@ objects).  Sources are steps too:
   the value the bytes themselves;
 * ``values`` -- one small value per item supplied by the project (e.g. the
   item's labels); the key is :func:`flow.keys.key` of the value;
-* ``file`` -- one file for the whole build (a user's weights file).
+* ``file`` -- one file for the whole build (a user's weights file);
+* ``object`` -- one stored set output, pinned by key (a fit that new items
+  must not retrain: it stands in for the fit step, under the same name).
 
 Wires say how an input is seen:
 
 * ``"item"``: item ``i`` of an item step or source (per-item node inputs);
 * ``"all"``: every item of an item step as :class:`flow.node.Items`,
-  optionally only those whose split is in ``splits`` (set node inputs);
+  optionally only those whose split is in ``splits`` and/or whose id is in
+  ``ids`` (set node inputs; ``ids`` makes index segments);
 * ``"one"``: the single output of a set step or ``file`` source.
 
 Functions here are pure: :func:`toposort`, :func:`cull` (the steps a set of
@@ -35,7 +38,7 @@ from flow.node import Node
 
 __all__ = ["Graph", "Input", "Step", "cull", "phases", "toposort"]
 
-SourceKind = Literal["files", "values", "file"]
+SourceKind = Literal["files", "values", "file", "object"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +48,11 @@ class Input:
     step: str
     mode: Literal["item", "all", "one"] = "item"
     splits: tuple[str, ...] | None = None  # for mode "all": only these splits
+    ids: frozenset[str] | None = None  # for mode "all": only these items (index segments)
 
     def __post_init__(self) -> None:
-        if self.splits is not None and self.mode != "all":
-            raise ValueError("splits= only applies to inputs of mode 'all'")
+        if (self.splits is not None or self.ids is not None) and self.mode != "all":
+            raise ValueError("splits= and ids= only apply to inputs of mode 'all'")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +65,7 @@ class Step:
     inputs: tuple[Input, ...] = ()
     source: SourceKind | None = None
     path: str | None = None  # for a "file" source
+    pin: tuple[str, str, str] | None = None  # for an "object" source: (node, rkey, ckey) hex
     _prefix: list = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -170,6 +175,22 @@ class Graph(Mapping[str, Step]):
                 wires.append(Input(inp, "item" if node.kind == "item" else "all"))
         self.add(Step(name=name, node=node, params=node.params(params or {}), inputs=tuple(wires)))
         return name
+
+    def replace(self, step: Step) -> Graph:
+        """A copy of the graph with ``step`` in place of the step of the same name."""
+        if step.name not in self._steps:
+            raise KeyError(step.name)
+        g = Graph()
+        for n, s in self._steps.items():
+            if n == step.name:
+                g._steps[n] = step  # inputs of a replacement are checked below
+            else:
+                g._steps[n] = s
+        for n, s in g._steps.items():
+            for inp in s.inputs:
+                if inp.step not in g._steps:
+                    raise ValueError(f"step {n!r}: input {inp.step!r} is not defined")
+        return g
 
     def dependencies(self, name: str) -> list[str]:
         return [i.step for i in self._steps[name].inputs]

@@ -194,7 +194,7 @@ def _reason(step: Step, prev: Previous | None, inputs_hex: str) -> str:
 
 
 def _plan_source(step: Step, items: ItemTable) -> StepPlan:
-    if step.source == "file":
+    if step.source in ("file", "object"):
         k = items.files.get(step.name)
         st = Status.FRESH if k is not None else Status.BLOCKED
         return StepPlan(step.name, "source", np.array([st], np.int8), [k], [k], [None])
@@ -309,6 +309,8 @@ def _plan_set_step(
             sel = np.fromiter((s in splits for s in items.splits), bool, len(items.splits))
         else:
             sel = np.ones(len(ups), bool)
+        if inp.ids is not None:
+            sel &= np.fromiter((i in inp.ids for i in items.ids), bool, len(items.ids))
         rows = np.flatnonzero(sel & (ups == Status.FRESH)).tolist()
         excluded += int(np.count_nonzero(sel & np.isin(ups, _BAD)))
         if np.isin(ups[sel], _WAIT).any():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from flow.errors import ItemError
+from flow.errors import CorruptObject, FlowError, ItemError
 from flow.keys import bytes_key, item_key, key
 from flow.node import Items, Node
 
@@ -121,16 +121,29 @@ class _Reader:
                 raise ValueError(f"unknown value reference {ref!r}")
         for (node, pack), wanted in by_pack.items():
             reader = self.packs.get((node, pack))
-            if reader is None:
-                reader = self.packs[(node, pack)] = PackReader.open(self.store, node, pack)
-            vals = reader.read([p for _, p in wanted])
+            try:
+                if reader is None:
+                    reader = self.packs[(node, pack)] = PackReader.open(self.store, node, pack)
+                vals = reader.read([p for _, p in wanted])
+            except CorruptObject as e:
+                from store.maintenance import quarantine
+
+                quarantine(self.store, "pack", node, pack, str(e))
+                raise CorruptInput(
+                    f"stored pack {node}/{pack} is corrupt ({e}); it was quarantined and the "
+                    "next build recomputes its items"
+                ) from e
             for (i, _), v in zip(wanted, vals):
                 out[i] = v
         return out
 
 
 class SourceChanged(ItemError):
-    pass
+    """A source file's bytes no longer match the key the build planned with."""
+
+
+class CorruptInput(FlowError):
+    """A stored input failed its checksum; it was quarantined (the task fails)."""
 
 
 def _read_source(path: str, expected: bytes | None) -> bytes:
@@ -162,7 +175,16 @@ def load_object(store, node: str, rkey: bytes) -> Any:
     if k in _OBJECTS:
         _OBJECTS.move_to_end(k)
         return _OBJECTS[k]
-    value = read_object(store, node, rkey)
+    try:
+        value = read_object(store, node, rkey)
+    except CorruptObject as e:
+        from store.maintenance import quarantine
+
+        quarantine(store, "object", node, bytes(rkey).hex(), str(e))
+        raise CorruptInput(
+            f"stored object {node}/{bytes(rkey).hex()} is corrupt ({e}); it was quarantined "
+            "and the next build recomputes it"
+        ) from e
     _OBJECTS[k] = value
     while len(_OBJECTS) > _OBJECTS_MAX:
         _OBJECTS.popitem(last=False)

@@ -86,7 +86,7 @@ _ROLES = {
     "cnn": ("decode", "normalize", "embedder", "embedding", "vector_index"),
     "codes": ("coder", "codes", "code_index"),
 }
-_TARGET_KEYS = {"kind", "embedding", "weights", "description"}
+_TARGET_KEYS = {"kind", "embedding", "weights", "description", "retrain", "segments"}
 _KIND_DEFAULTS: dict[str, dict[str, dict]] = {
     # BoVW reads finer structure than the CNN: superpixels need more pixels
     "bovw": {"normalize": {"size": 128}},
@@ -180,11 +180,12 @@ class _Builder:
             vec = self.add(t, "bovw_histogram", n["bovw_histogram"],
                            (Input(desc), Input(voc, "one")),
                            self.params(t, "bovw_histogram", kind))  # fmt: skip
-            out.update(vectors=vec, fit=voc)
+            out.update(vectors=vec, fit=voc, fits=[voc])
             index_inputs: tuple[Input, ...] = (Input(vec, "all", db),)
             index_node, role = n["vector_index"], "vector_index"
         elif kind == "cnn":
             out.update(self.cnn(t))
+            out["fits"] = [out["fit"]]
             index_inputs = (Input(out["vectors"], "all", db),)
             index_node, role = n["vector_index"], "vector_index"
         else:
@@ -202,10 +203,11 @@ class _Builder:
             )  # fmt: skip
             cod = self.add(t, "codes", n["codes"], (Input(emb["vectors"]), Input(coder, "one")),
                            self.params(t, "codes", kind))  # fmt: skip
-            out.update(vectors=cod, real=emb["vectors"], fit=coder)
+            out.update(vectors=cod, real=emb["vectors"], fit=coder, fits=[emb["fit"], coder])
             index_inputs = (Input(cod, "all", db), Input(emb["vectors"], "all", db))
             index_node, role = n["code_index"], "code_index"
         out["index"] = self.add(t, role, index_node, index_inputs, self.params(t, role, kind))
+        out["index_inputs"] = [i.step for i in index_inputs]
         out["table"] = self.add(t, "item_table", n["item_table"], (Input("labels", "all", db),),
                                 {})  # fmt: skip
         # the same index over the eval database split, for `flow eval`
@@ -288,6 +290,9 @@ def query_chain(graph: Graph, index_step: str, plan: Any) -> list[dict]:
                 wires.append(["item", i.step])
             elif up.kind == "set":
                 wires.append(["object", up.node_name, plan.steps[i.step].rkeys[0].hex()])
+            elif up.source == "object":
+                assert up.pin is not None
+                wires.append(["object", up.pin[0], up.pin[1]])
             else:
                 raise ConfigError(f"step {s}: input {i.step} cannot be given at query time")
         assert st.node is not None
@@ -302,20 +307,26 @@ def query_chain(graph: Graph, index_step: str, plan: Any) -> list[dict]:
     return chain
 
 
-def ref_value(graph: Graph, steps: dict, plan: Any, *, eval: bool = False) -> tuple[dict, list]:
-    """The value a target's ref records, and the objects it names."""
-    ix = steps["eval_index" if eval else "index"]
-    tb = steps["eval_table" if eval else "table"]
-    ix_rk = plan.steps[ix].rkeys[0].hex()
-    tb_rk = plan.steps[tb].rkeys[0].hex()
-    value = {
-        "kind": steps["kind"],
-        "index": [graph[ix].node_name, ix_rk],
-        "table": [graph[tb].node_name, tb_rk],
-        "query": query_chain(graph, ix, plan),
-        "vectors": [i.step for i in graph[ix].inputs],
-    }
-    objects = [(graph[ix].node_name, ix_rk), (graph[tb].node_name, tb_rk)]
+def ref_value(graph: Graph, kind: str, segments: list[tuple[str, str]], plan: Any,
+              ) -> tuple[dict, list]:  # fmt: skip
+    """The value a target's ref records (its segments, each an index and an item
+    table, and the query chain), and the objects it names."""
+    value: dict[str, Any] = {"kind": kind, "segments": []}
+    objects: list[tuple[str, str]] = []
+    for ix, tb in segments:
+        ix_rk = plan.steps[ix].rkeys[0].hex()
+        tb_rk = plan.steps[tb].rkeys[0].hex()
+        members = plan.steps[ix].members
+        count = len(next(iter(members.values()))) if members else 0
+        value["segments"].append({
+            "index": [graph[ix].node_name, ix_rk],
+            "table": [graph[tb].node_name, tb_rk],
+            "count": count,
+        })  # fmt: skip
+        objects += [(graph[ix].node_name, ix_rk), (graph[tb].node_name, tb_rk)]
+    first = segments[0][0]
+    value["query"] = query_chain(graph, first, plan)
+    value["vectors"] = [i.step for i in graph[first].inputs]
     for c in value["query"]:
         for w in c["wires"]:
             if w[0] == "object":

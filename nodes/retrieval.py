@@ -49,6 +49,48 @@ class Hit:
         }
 
 
+@dataclass
+class _Segment:
+    """One segment of a target's index: its searcher, item ids and labels."""
+
+    ids: tuple[str, ...]
+    labels: list[tuple[str, ...]]
+    count: int
+    searcher: Any
+
+    @classmethod
+    def open(cls, store: Any, ref_name: str, seg: dict) -> _Segment:
+        from store.packs import read_object, read_object_manifest
+
+        ix_node, ix_rk = seg["index"]
+        manifest = read_object_manifest(store, ix_node, bytes.fromhex(ix_rk))
+        if manifest is None or "failure" in manifest:
+            raise FlowError(f"index {ix_node}/{ix_rk} of ref {ref_name!r} is not in the store")
+        attrs = manifest["attrs"]
+        ids = tuple(attrs["ids"])
+        table = read_object(store, seg["table"][0], bytes.fromhex(seg["table"][1]))
+        if tuple(table["ids"]) != ids:
+            raise FlowError(f"ref {ref_name!r}: item table and index disagree")
+        labels = [tuple(x.split("|")) if x else () for x in table["labels"]]
+        count = int(attrs["count"])
+        searcher = None
+        if count and ix_node == "code_index":
+            from nodes.index import CodeSearcher
+
+            searcher = CodeSearcher(
+                _blob_path(store, ix_node, ix_rk, manifest, "hamming"),
+                _blob_path(store, ix_node, ix_rk, manifest, "vectors"),
+                int(attrs["bits"]),
+            )
+        elif count:
+            from nodes.index import VectorSearcher
+
+            searcher = VectorSearcher(
+                _blob_path(store, ix_node, ix_rk, manifest, "annoy"), int(attrs["dim"])
+            )
+        return cls(ids, labels, count, searcher)
+
+
 def _blob_path(store: Any, node: str, rkey: str, manifest: dict, name: str) -> str:
     """A local file holding one blob of an object (the store's own file where it has
     one; otherwise a verified copy in the user's cache, made once)."""
@@ -79,38 +121,16 @@ class Retriever:
     """Search one target's index with images or vectors."""
 
     def __init__(self, store: Any, ref: dict):
-        from store.packs import read_object, read_object_manifest
-
         self.store = store
         self.ref = ref
         value = ref["value"]
         self.kind = value["kind"]
-        ix_node, ix_rk = value["index"]
-        manifest = read_object_manifest(store, ix_node, bytes.fromhex(ix_rk))
-        if manifest is None or "failure" in manifest:
-            raise FlowError(f"index {ix_node}/{ix_rk} of ref {ref['name']!r} is not in the store")
-        attrs = manifest["attrs"]
-        self.ids: tuple[str, ...] = tuple(attrs["ids"])
-        table = read_object(store, value["table"][0], bytes.fromhex(value["table"][1]))
-        if tuple(table["ids"]) != self.ids:
-            raise FlowError(f"ref {ref['name']!r}: item table and index disagree")
-        self.labels = [tuple(x.split("|")) if x else () for x in table["labels"]]
-        self.count = int(attrs["count"])
+        self.segments = [_Segment.open(store, ref["name"], seg) for seg in value["segments"]]
+        self.ids: tuple[str, ...] = tuple(i for seg in self.segments for i in seg.ids)
+        self.labels = [lab for seg in self.segments for lab in seg.labels]
+        self.offsets = np.cumsum([0] + [seg.count for seg in self.segments])[:-1].tolist()
+        self.count = sum(seg.count for seg in self.segments)
         self._objects: dict[tuple[str, str], Any] = {}
-        if ix_node == "code_index":
-            from nodes.index import CodeSearcher
-
-            self.searcher: Any = CodeSearcher(
-                _blob_path(store, ix_node, ix_rk, manifest, "hamming"),
-                _blob_path(store, ix_node, ix_rk, manifest, "vectors"),
-                int(attrs["bits"]),
-            ) if self.count else None  # fmt: skip
-        else:
-            from nodes.index import VectorSearcher
-
-            self.searcher = VectorSearcher(
-                _blob_path(store, ix_node, ix_rk, manifest, "annoy"), int(attrs["dim"])
-            ) if self.count else None  # fmt: skip
         self.chain = value["query"]
         self.vector_steps: list[str] = value["vectors"]
         self._nodes: dict[str, Any] = {}
@@ -189,15 +209,60 @@ class Retriever:
             values[entry["step"]] = canonical_output(out, node=n.name, allow_blobs=False)
         return values
 
+    def _local_exclude(self, exclude: Any, seg: int) -> Any:
+        """Global row exclusions (one set per query) as one segment's local rows."""
+        if exclude is None:
+            return None
+        lo, hi = self.offsets[seg], self.offsets[seg] + self.segments[seg].count
+        return [{j - lo for j in ex if lo <= j < hi} for ex in exclude]
+
     def search_vectors(self, vecs: list[np.ndarray], k: int, *, search_k: int = -1,
-                       exclude: Any = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Search with the index's input vectors (one array per input step)."""
-        if self.searcher is None:
-            n = len(vecs[0])
+                       exclude: Any = None, shortlist: int | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Search with the index's input vectors (one array per input step) in every
+        segment; results are global rows, best first (``-1``/inf pad)."""
+        from nodes.index import merge_results
+
+        n = len(vecs[0])
+        live = [j for j, seg in enumerate(self.segments) if seg.searcher is not None]
+        if not live:
             return np.full((n, k), -1, np.int64), np.full((n, k), np.inf, np.float32)
-        if len(vecs) == 2:  # codes, then the real vectors for re-ranking
-            return self.searcher.search(vecs[1], k, search_k, exclude, codes=vecs[0])
-        return self.searcher.search(vecs[0], k, search_k, exclude)
+        if len(vecs) == 1:  # real vectors: annoy per segment, merged by distance
+            parts = [(*self.segments[j].searcher.search(vecs[0], k, search_k,
+                                                        self._local_exclude(exclude, j)),
+                      self.offsets[j]) for j in live]  # fmt: skip
+            return merge_results(parts, k)
+        # binary codes: one Hamming shortlist over all segments, then exact cosine
+        codes, real = vecs
+        s = max(k, shortlist if shortlist is not None else max(100, 10 * k))
+        parts = [(*self.segments[j].searcher.search(None, s, search_k,
+                                                    self._local_exclude(exclude, j),
+                                                    codes=codes, rerank=False),
+                  self.offsets[j]) for j in live]  # fmt: skip
+        cand, _ = merge_results(parts, s)
+        q = real / np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12)
+        out_i = np.full((n, k), -1, np.int64)
+        out_d = np.full((n, k), np.inf, np.float32)
+        for r in range(n):
+            rows = cand[r][cand[r] >= 0]
+            if not len(rows):
+                continue
+            vec = self._rows(rows)
+            cos = vec.astype(np.float64) @ q[r].astype(np.float64)
+            d = np.clip(1.0 - cos, 0.0, 2.0).astype(np.float32)
+            order = np.lexsort((rows, d))[:k]
+            out_i[r, : len(order)] = rows[order]
+            out_d[r, : len(order)] = d[order]
+        return out_i, out_d
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """Unit real vectors of global ``rows`` (code segments keep them for re-ranking)."""
+        out = []
+        for g in rows.tolist():
+            j = int(np.searchsorted(self.offsets, g, side="right")) - 1
+            v = np.asarray(self.segments[j].searcher.vectors[g - self.offsets[j]], np.float64)
+            out.append(v / max(np.linalg.norm(v), 1e-12))
+        return np.stack(out)
 
     def query(self, image: str | os.PathLike | bytes, k: int = 10, *,
               search_k: int | None = None) -> list[Hit]:  # fmt: skip

@@ -50,6 +50,11 @@ class Problem:
     items: int = 0
 
 
+def id_key(item_id: str) -> str:
+    """How ``flow forget`` records a withdrawn item id (a key, not the name)."""
+    return key(("forgotten-id", item_id)).hex()
+
+
 def quarantine(store: Store, kind: str, node: str, ident: str, reason: str) -> None:
     """Take a pack's or object's manifest out of service (the next build redoes it)."""
     src = f"{'packs' if kind == 'pack' else 'objects'}/{node}/{ident}.json"
@@ -184,15 +189,31 @@ def collect(
     keep: int = 5,
     grace: float = 3600.0,
     delete: bool = False,
+    purge: set[str] | None = None,
 ) -> Collection:
     """Find (and with ``delete=True`` remove) what no ref, history or plan needs.
 
     ``live_items`` maps a node to the recipe keys (fresh or failed) that the
     current plan uses; ``live_objects`` are ``(node, rkey_hex)`` set outputs
-    it uses.  Without a plan (no project), only refs keep packs alive... which
-    would drop every per-item output, so a caller without a plan must pass
-    ``live_items=None`` to keep all packs.
+    it uses.  ``live_items=None`` keeps every pack (a caller without a plan).
+
+    ``purge`` are keys (:func:`id_key`) of item ids withdrawn by ``flow forget``:
+    packs holding such items are rewritten without them, and index objects
+    holding them are dead even when a ref's history names them (that history
+    entry can no longer be restored).
     """
+    purge_keys = purge or set()
+    memo: dict[str, bool] = {}
+
+    def purged(ids: Iterable[str]) -> set[str]:
+        out = set()
+        for i in ids:
+            hit = memo.get(i)
+            if hit is None:
+                hit = memo[i] = id_key(i) in purge_keys
+            if hit:
+                out.add(i)
+        return out
     now = time.time()
     out = Collection()
     files = {e.path: e for e in store.walk("")}
@@ -211,7 +232,14 @@ def collect(
         manifests = {n[:-5] for n in names if n.endswith(".json")}
         for rk in sorted(manifests):
             base = f"objects/{node}/{rk}"
-            if (node, rk) in roots or young(f"{base}.json"):
+            holds_purged = False
+            if purge_keys:
+                try:
+                    doc = loads(store.get(f"{base}.json"), base)
+                    holds_purged = bool(purged(doc.get("attrs", {}).get("ids", ())))
+                except (FileNotFoundError, CorruptObject):
+                    pass
+            if not holds_purged and ((node, rk) in roots or young(f"{base}.json")):
                 out.kept_objects += 1
                 try:
                     payload = loads(store.get(f"{base}.json"), base).get("payload")
@@ -236,12 +264,26 @@ def collect(
         live = None if live_items is None else {bytes(k) for k in live_items.get(node, ())}
         for pid in sorted(manifests):
             base = f"packs/{node}/{pid}"
-            keep_it = live is None or young(f"{base}.json")
-            if not keep_it:
+            doc = None
+            if purge_keys:
                 try:
                     doc = loads(store.get(f"{base}.json"), base)
                 except (FileNotFoundError, CorruptObject):
-                    doc = {"rkeys": "", "failures": []}
+                    doc = {"rkeys": "", "failures": [], "ids": []}
+                hit = purged([*doc.get("ids", []), *(f["id"] for f in doc["failures"])])
+                if hit:
+                    out.add("packs rewritten without forgotten items", f"{base}.json",
+                            files[f"{base}.json"].size if f"{base}.json" in files else 0)
+                    if delete:
+                        rewrite_pack(store, node, pid, hit)
+                    continue
+            keep_it = live is None or young(f"{base}.json")
+            if not keep_it:
+                if doc is None:
+                    try:
+                        doc = loads(store.get(f"{base}.json"), base)
+                    except (FileNotFoundError, CorruptObject):
+                        doc = {"rkeys": "", "failures": []}
                 raw = bytes.fromhex(doc.get("rkeys", ""))
                 rks = {raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)}
                 rks |= {bytes.fromhex(f["rkey"]) for f in doc.get("failures", [])}
@@ -262,11 +304,50 @@ def collect(
     for p in under("quarantine/"):
         out.add("quarantined manifests", p, files[p].size)
     if delete:
-        for paths in out.dead.values():
+        for reason, paths in out.dead.items():
+            if reason == "packs rewritten without forgotten items":
+                continue  # done above
             store.delete([p for p, _ in paths])
         _prune_empty_dirs(store)
         out.deleted = True
     return out
+
+
+def rewrite_pack(store: Store, node: str, pack_id: str, drop: set[str]) -> dict | None:
+    """Publish a copy of a pack without the items (and failures) whose id is in
+    ``drop``, then delete the original; None if nothing is left to keep."""
+    from store.packs import ItemResult, Recipe, write_pack
+
+    reader = PackReader.open(store, node, pack_id)
+    m = reader.manifest
+    keep = [p for p, i in enumerate(m["ids"]) if i not in drop]
+    fails = [f for f in m.get("failures", []) if f["id"] not in drop]
+    new = None
+    if keep or fails:
+        values = reader.read(keep) if keep else []
+        h = 2 * KEY_SIZE
+        results = [
+            ItemResult(m["ids"][p], reader.rkey(p),
+                       tuple(bytes.fromhex(m["inputs"][p][j : j + h])
+                             for j in range(0, len(m["inputs"][p]), h)),
+                       v, reader.ckey(p), None, m["seconds"][p])
+            for p, v in zip(keep, values)
+        ]  # fmt: skip
+        for f in fails:
+            err = {k: f[k] for k in ("type", "reason", "traceback", "bad_input") if k in f}
+            results.append(ItemResult(f["id"], bytes.fromhex(f["rkey"]),
+                                      tuple(bytes.fromhex(f["inputs"][j : j + h])
+                                            for j in range(0, len(f["inputs"]), h)),
+                                      error=err))  # fmt: skip
+        recipe = Recipe(m["node"], m["step"], m["version"], m["fingerprint"], m["params"],
+                        m["prefix"])  # fmt: skip
+        new = write_pack(store, recipe, results, extra={
+            "created": m["created"], "host": m.get("host", ""), "libs": m.get("libs", {}),
+            "rewritten_from": pack_id, "rewritten": time.time(),
+        })  # fmt: skip
+    store.delete([f"packs/{node}/{pack_id}.json"])
+    store.delete_tree(f"packs/{node}/{pack_id}")
+    return new
 
 
 def _prune_empty_dirs(store: Store) -> None:

@@ -254,8 +254,12 @@ def _layout_fields(node: str, values: Sequence[dict[str, np.ndarray]]) -> tuple[
     return arrays, meta
 
 
-def write_pack(store: Store, recipe: Recipe, results: Sequence[ItemResult]) -> dict:
-    """Write one pack of item results and publish its manifest; returns the manifest."""
+def write_pack(store: Store, recipe: Recipe, results: Sequence[ItemResult],
+               extra: dict | None = None) -> dict:  # fmt: skip
+    """Write one pack of item results and publish its manifest; returns the manifest.
+
+    ``extra`` overrides manifest fields (a rewritten pack keeps its provenance).
+    """
     pack_id = uuid.uuid4().hex
     base = f"packs/{recipe.node}/{pack_id}"
     ok = [r for r in results if r.error is None]
@@ -298,6 +302,7 @@ def write_pack(store: Store, recipe: Recipe, results: Sequence[ItemResult]) -> d
             for r in failed
         ],
     }
+    manifest.update(extra or {})
     store.put(f"{base}.json", _dumps(manifest))
     return manifest
 

@@ -1,0 +1,163 @@
+"""Keeping indices fresh: ``flow watch``, ``flow forget``, ``flow compact``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import click
+
+from cli.main import handle_errors, pass_ctx
+
+
+def _summary(built) -> str:
+    rep = built.report
+    computed = sum(r.computed for r in rep.steps.values())
+    parts = [f"{computed} computed in {rep.seconds:.1f} s"]
+    for t, e in built.moved.items():
+        segs = e["value"]["segments"]
+        parts.append(f"{t}: {sum(s['count'] for s in segs)} items / {len(segs)} segment(s)")
+    if rep.failures:
+        parts.append(f"{len(rep.failures)} failed")
+    for t, why in built.incomplete.items():
+        parts.append(f"{t} NOT moved ({why})")
+    return "; ".join(parts)
+
+
+@click.command()
+@click.argument("paths", nargs=-1)
+@click.option("--id", "ids", multiple=True, help="An item id to withdraw (repeatable).")
+@click.option("--study", "studies", multiple=True,
+              help="A DICOM StudyInstanceUID: withdraw every image of that study.")
+@click.option("--reason", default="", help="Recorded in the ref history.")
+@click.option("--no-build", is_flag=True, help="Only record; the next build drops the items.")
+@pass_ctx
+@handle_errors
+def forget(ctx, paths, ids, studies, reason, no_build):
+    """Withdraw studies or files from every index.
+
+    PATHS are source files or folders (a study's folder withdraws all its
+    images).  The withdrawal is recorded in the store (ref 'forgotten'), so
+    later builds never index or train on them again, even while the files are
+    still on disk; then the targets are rebuilt so the live indices no longer
+    hold them.  `flow gc --delete` afterwards removes their data from the store.
+    """
+    ws = ctx.workspace
+    gone = ws.forget(list(paths), list(ids), list(studies), reason)
+    click.echo(f"withdrew {len(gone)} item(s): {', '.join(gone[:10])}"
+               f"{' ...' if len(gone) > 10 else ''}")  # fmt: skip
+    pins = ws.pinned()
+    if pins:
+        click.echo("note: fits trained before this (" + ", ".join(sorted(pins)) + ") may have "
+                   "seen these items; `flow build --retrain` refits without them", err=True)
+    if no_build:
+        return
+    built = ws.build("all", progress=False, log=ctx.debug)
+    click.echo(_summary(built))
+    if built.incomplete:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("-t", "--target", "targets", multiple=True, help="Target(s); default all.")
+@pass_ctx
+@handle_errors
+def compact(ctx, targets):
+    """Merge each target's index segments into one index.
+
+    Builds also compact automatically when a target has more than its
+    [targets.<name>.segments] max (8) segments, or when the segments besides
+    the largest hold more than compact_fraction (0.5) of the items.
+    """
+    from cli.build import _targets
+
+    ws = ctx.workspace
+    built = ws.build(_targets(targets), compact=True, progress=False, log=ctx.debug)
+    click.echo(_summary(built))
+    if built.incomplete:
+        sys.exit(1)
+
+
+def _snapshot(project) -> dict[str, tuple[int, int]]:
+    from flow.sources import scan_folder
+
+    snap = {}
+    for src in project.sources:
+        try:
+            rels, stats = scan_folder(src.path, src.include, src.exclude, src.extensionless)
+        except FileNotFoundError:
+            continue
+        for rel, st in zip(rels, stats):
+            snap[f"{src.path}/{rel}"] = (st.size, st.mtime_ns)
+    return snap
+
+
+@click.command()
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between scans.")
+@click.option("--settle", default=10.0, show_default=True,
+              help="A changed file is built once its size and mtime held still this long "
+                   "(half-copied files wait).")
+@click.option("--scheduler", help="Scheduler for the builds (default: the project's).")
+@pass_ctx
+@handle_errors
+def watch(ctx, folders, interval, settle, scheduler):
+    """Rebuild incrementally whenever source files are added, changed or removed.
+
+    Polls the project's source folders (or FOLDERS, which must be among them)
+    every --interval seconds; once every changed file has been still for
+    --settle seconds, runs `flow build index --target=all`, which computes only
+    the new work and adds an index segment.  Ctrl-C stops between builds.
+    """
+    from nodes.api import Workspace
+
+    ws = ctx.workspace
+    project = ws.project
+    if folders:
+        wanted = {os.path.realpath(f) for f in folders}
+        have = {os.path.realpath(s.path) for s in project.sources}
+        missing = wanted - have
+        if missing:
+            click.echo(f"error: {', '.join(sorted(missing))} is not a source of "
+                       f"{project.file}", err=True)  # fmt: skip
+            sys.exit(2)
+        project.sources = [s for s in project.sources if os.path.realpath(s.path) in wanted]
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    built_state: dict | None = None
+    last_seen: dict = {}
+    changed_at: dict[str, float] = {}
+    ctx.log(f"watching {', '.join(str(s.path) for s in project.sources)} "
+            f"(every {interval:g} s, settle {settle:g} s); Ctrl-C to stop")  # fmt: skip
+    try:
+        while not stop["now"]:
+            now = time.monotonic()
+            snap = _snapshot(project)
+            for path, st in snap.items():
+                if last_seen.get(path) != st:
+                    changed_at[path] = now
+            for path in set(last_seen) - set(snap):
+                changed_at[path] = now
+            last_seen = snap
+            pending = snap != built_state
+            calm = all(now - t >= settle for t in changed_at.values())
+            if pending and (calm or built_state is None):
+                ws = Workspace(project, retrain=False)
+                built = ws.build("all", scheduler=scheduler, progress=False, log=ctx.debug)
+                click.echo(f"{time.strftime('%H:%M:%S')} {_summary(built)}", err=False)
+                sys.stdout.flush()
+                built_state = snap
+                changed_at = {p: t for p, t in changed_at.items() if now - t < settle}
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    ctx.log("stopped")
+
+
+commands = [watch, forget, compact]
