@@ -12,8 +12,9 @@ it is the same in every process, on every machine, forever:
   sets with their elements sorted, so insertion order never matters;
 * numpy arrays are written as dtype (little-endian), shape and C-ordered bytes,
   so a Fortran-ordered or big-endian copy of the same array has the same key;
-* ``-0.0`` is written as ``0.0`` and every NaN as one canonical NaN, so equal
-  floats give equal keys;
+* a Python ``-0.0`` is written as ``0.0`` and every NaN as one canonical NaN,
+  so equal floats give equal keys (array elements are keyed by their bytes:
+  an array holding ``-0.0`` and one holding ``0.0`` differ);
 * lists and tuples are both "sequences" (configuration files give lists where
   code writes tuples).
 
@@ -245,7 +246,8 @@ def _canonical_dtype(dtype: np.dtype) -> np.dtype:
 @register(np.ndarray)
 def _encode_array(value: np.ndarray, out: list) -> None:
     dtype = _canonical_dtype(value.dtype)
-    arr = np.ascontiguousarray(value, dtype=dtype)
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)
+    arr = np.require(value, dtype=dtype, requirements="C")
     dstr = dtype.str.encode()
     out.append(b"a" + _length(len(dstr)) + dstr + _length(arr.ndim))
     out.append(struct.pack(f"<{arr.ndim}Q", *arr.shape))

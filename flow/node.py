@@ -149,8 +149,10 @@ def _strip(tree: ast.AST, *, top: bool) -> ast.AST:
             n.returns = None
         if isinstance(n, ast.arg):
             n.annotation = None
-        if isinstance(n, ast.AnnAssign) and n.value is not None and n.simple:
-            n.annotation = ast.Constant(value=None)
+        for field_name in ("body", "orelse", "finalbody", "handlers"):
+            stmts = getattr(n, field_name, None)
+            if isinstance(stmts, list):
+                setattr(n, field_name, [_unannotated(x) for x in stmts])
     if top and isinstance(tree, ast.Module) and tree.body:
         first = tree.body[0]
         if isinstance(first, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -158,6 +160,15 @@ def _strip(tree: ast.AST, *, top: bool) -> ast.AST:
             if not isinstance(first, ast.ClassDef):
                 first.name = "_"
     return tree
+
+
+def _unannotated(stmt: Any) -> Any:
+    """``y: float = v`` -> ``y = v``; a bare ``y: float`` -> ``pass``."""
+    if not isinstance(stmt, ast.AnnAssign):
+        return stmt
+    if stmt.value is None:
+        return ast.Pass()
+    return ast.Assign(targets=[stmt.target], value=stmt.value)
 
 
 def _dump(n: Any, out: list[str]) -> None:

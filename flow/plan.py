@@ -311,8 +311,11 @@ def _plan_set_step(
             sel = np.ones(len(ups), bool)
         if inp.ids is not None:
             sel &= np.fromiter((i in inp.ids for i in items.ids), bool, len(items.ids))
-        rows = np.flatnonzero(sel & (ups == Status.FRESH)).tolist()
-        excluded += int(np.count_nonzero(sel & np.isin(ups, _BAD)))
+        rows = np.flatnonzero(sel & (ups == FRESH)).tolist()
+        bad = int(np.count_nonzero(sel & np.isin(ups, _BAD)))
+        excluded += bad
+        if not rows and bad:
+            state = max(state, Status.BLOCKED)  # every item failed: nothing to fit on
         if np.isin(ups[sel], _WAIT).any():
             state = Status.PENDING
         members[inp.step] = rows

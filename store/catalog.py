@@ -271,7 +271,9 @@ def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalo
     cache_path = f"cache/catalog/{node}.npz"
     try:
         cat = Catalog.from_bytes(node, store.get(cache_path))
-    except (FileNotFoundError, ValueError, KeyError, OSError):
+    except FileNotFoundError:
+        cat = Catalog(node)
+    except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the manifests
         cat = Catalog(node)
     listing = store.list(f"packs/{node}")
     present = {n[:-5] for n in listing if n.endswith(".json")}

@@ -69,6 +69,8 @@ class FsspecStore(Store):
 
     def list(self, prefix: str) -> list[str]:
         try:
+            if self.fs.isfile(self._p(prefix)):
+                return []  # like a local folder listing: a file has no entries
             names = self.fs.ls(self._p(prefix), detail=False, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []

@@ -83,7 +83,12 @@ def canonical_output(value: Any, *, node: str = "node", allow_blobs: bool = True
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             raise TypeError(f"node {node!r} returned an array of dtype object")
-        return np.ascontiguousarray(value)
+        if value.dtype.kind in "USV":
+            raise TypeError(
+                f"node {node!r} returned an array of dtype {value.dtype}: strings are stored "
+                "as attrs (return a tuple of str), arrays must be numeric or bool"
+            )
+        return np.require(value, requirements="C")
     if isinstance(value, Blob):
         if not allow_blobs:
             raise TypeError(f"node {node!r}: item nodes cannot return Blobs; return an array")
@@ -215,8 +220,11 @@ def _write_array(zstore: Any, name: str, data: np.ndarray) -> None:
         shards=shards,
         serializer=serializer,
         compressors=compressors,
-        fill_value=0 if data.dtype.kind not in "US" else "",
+        fill_value=0,
         zarr_format=3,
+        # every chunk is written, even all-zero ones: a missing chunk file is then
+        # corruption (zarr would otherwise read it back as zeros)
+        config={"write_empty_chunks": True},
     )
     if data.size:
         arr[...] = data
@@ -394,8 +402,11 @@ class PackReader:
         if arr is None:
             import zarr
 
-            zs = self.store.zarr(f"packs/{self.node}/{self.pack_id}", read_only=True)
-            arr = self._arrays[name] = zarr.open_array(zs, path=name, mode="r")
+            base = f"packs/{self.node}/{self.pack_id}"
+            zs = self.store.zarr(base, read_only=True)
+            arr = zarr.open_array(zs, path=name, mode="r")
+            _check_chunks(self.store, f"{base}/{name}", arr)
+            self._arrays[name] = arr
         return arr
 
     def read(self, positions: Sequence[int]) -> list[Any]:
@@ -409,12 +420,13 @@ class PackReader:
                 if meta["layout"] == "stacked":
                     if len(positions) == self.manifest["n"] and positions == sorted(positions):
                         block = arr[...]
-                        cols[name] = [block[p] for p in positions]
+                        rows = positions
                     else:
                         uniq = sorted(set(positions))
                         block = arr.oindex[uniq]
                         where = {p: i for i, p in enumerate(uniq)}
-                        cols[name] = [block[where[p]] for p in positions]
+                        rows = [where[p] for p in positions]
+                    cols[name] = [np.asarray(block[r]) for r in rows]
                 else:
                     offs, shapes = meta["offsets"], meta["shapes"]
                     lo = min(offs[p] for p in positions) if positions else 0
@@ -446,6 +458,19 @@ class PackReader:
         return bytes.fromhex(s[pos * 2 * KEY_SIZE : (pos + 1) * 2 * KEY_SIZE])
 
 
+def _check_chunks(store: Store, path: str, arr: Any) -> None:
+    """Every chunk (or shard) file of a written array must be there."""
+    if not arr.size:
+        return
+    import itertools
+
+    grid = [range(math.ceil(n / c)) for n, c in zip(arr.shape, arr.shards or arr.chunks)]
+    for idx in itertools.product(*grid):
+        where = f"{path}/c/{'/'.join(map(str, idx))}"
+        if not store.exists(where):
+            raise CorruptObject(f"{where}: chunk file is missing")
+
+
 def read_object_manifest(store: Store, node: str, rkey: bytes) -> dict | None:
     where = f"objects/{node}/{Key(rkey).hex()}.json"
     try:
@@ -469,7 +494,9 @@ def read_object(store: Store, node: str, rkey: bytes, manifest: dict | None = No
         zs = store.zarr(base, read_only=True)
         for name, meta in doc["arrays"].items():
             try:
-                arr = zarr.open_array(zs, path=name, mode="r")[...]
+                z = zarr.open_array(zs, path=name, mode="r")
+                _check_chunks(store, f"{base}/{name}", z)
+                arr = z[...]
             except (ValueError, OSError, KeyError) as e:
                 raise CorruptObject(f"object {node}/{Key(rkey).hex()}: array {name}: {e}") from e
             value[name] = arr.reshape(meta["shape"])

@@ -20,6 +20,7 @@ import json
 import re
 import socket
 import time
+import uuid
 from typing import Any
 
 from flow.errors import StoreError
@@ -37,39 +38,46 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _seqs(store: Store, name: str) -> list[int]:
+def _files(store: Store, name: str) -> list[tuple[int, str]]:
+    """(seq, file name) of a ref's entries, oldest first.
+
+    Entries are ``<seq>.json`` where the store has an atomic conditional
+    create, else ``<seq>-<random>.json``: two writers racing for one number
+    then both keep their entry (ordered by time), and no history is lost.
+    """
     out = []
     for entry in store.list(f"refs/{name}"):
-        stem = entry[:-5] if entry.endswith(".json") else ""
-        if stem.isdigit():
-            out.append(int(stem))
+        if not entry.endswith(".json"):
+            continue
+        seq = entry[:-5].split("-", 1)[0]
+        if seq.isdigit():
+            out.append((int(seq), entry))
     return sorted(out)
 
 
-def _entry(store: Store, name: str, seq: int) -> dict:
-    return json.loads(store.get(f"refs/{name}/{seq:0{_SEQ_DIGITS}d}.json"))
+def _entries(store: Store, name: str) -> list[dict]:
+    docs = []
+    for _, fname in _files(store, name):
+        try:
+            docs.append(json.loads(store.get(f"refs/{name}/{fname}")))
+        except (FileNotFoundError, ValueError):
+            continue
+    return sorted(docs, key=lambda e: (e.get("seq", 0), e.get("time", 0), e.get("nonce", "")))
+
+
+def _seqs(store: Store, name: str) -> list[int]:
+    return [seq for seq, _ in _files(store, name)]
 
 
 def read_ref(store: Store, name: str) -> dict | None:
     """The current entry of ref ``name``, or None if it was never set."""
-    seqs = _seqs(store, _check_name(name))
-    for seq in reversed(seqs):
-        try:
-            return _entry(store, name, seq)
-        except (FileNotFoundError, ValueError):
-            continue
-    return None
+    entries = _entries(store, _check_name(name))
+    return entries[-1] if entries else None
 
 
 def ref_history(store: Store, name: str) -> list[dict]:
     """Every entry of ref ``name``, oldest first."""
-    out = []
-    for seq in _seqs(store, _check_name(name)):
-        try:
-            out.append(_entry(store, name, seq))
-        except (FileNotFoundError, ValueError):
-            continue
-    return out
+    return _entries(store, _check_name(name))
 
 
 def list_refs(store: Store, prefix: str = "") -> list[str]:
@@ -115,8 +123,13 @@ def move_ref(
             "objects": [list(o) for o in objects],
             "value": value,
         }
+        if store.supports_conditional:
+            fname = f"{seq:0{_SEQ_DIGITS}d}.json"
+        else:
+            entry["nonce"] = uuid.uuid4().hex
+            fname = f"{seq:0{_SEQ_DIGITS}d}-{entry['nonce']}.json"
         data = json.dumps(entry, sort_keys=True).encode()
-        if store.put_if_absent(f"refs/{name}/{seq:0{_SEQ_DIGITS}d}.json", data):
+        if store.put_if_absent(f"refs/{name}/{fname}", data):
             return entry
         previous, seq = seq, seq + 1
     raise StoreError(f"ref {name!r}: could not find a free sequence number")
