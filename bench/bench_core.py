@@ -72,7 +72,7 @@ def noop(tmp: Path, n: int, runs: int) -> dict:
         assert p.done and all(sp.count(0) == len(sp.status) for sp in p.steps.values()), "stale"
 
     med, times = _median(check, runs)
-    files = sum(1 for _ in store.walk(f"packs/parsed"))
+    files = sum(1 for _ in store.walk("packs/parsed"))
     return {
         "items": n,
         "first_build_s": round(first, 2),
@@ -92,8 +92,13 @@ def _hand_loop(data: Path, out: Path, pack: int) -> None:
     hists = []
 
     def write(name: str, arr: np.ndarray) -> None:
-        zarr.create_array(zs, name=name, data=arr, serializer=BytesCodec(),
-                          compressors=[ZstdCodec(level=1), Crc32cCodec()])  # fmt: skip
+        zarr.create_array(
+            zs,
+            name=name,
+            data=arr,
+            serializer=BytesCodec(),
+            compressors=[ZstdCodec(level=1), Crc32cCodec()],
+        )
 
     k = ft.smoothed.params()
     for lo in range(0, len(files), pack):
@@ -122,8 +127,7 @@ def overhead(tmp: Path, n: int, runs: int) -> dict:
         shutil.rmtree(st, ignore_errors=True)
         store = open_store(st)
         items, sources = ft.synthetic_inputs(data, None)
-        rep = build(ft.synthetic_graph(), items, sources, store, progress=False,
-                    batch_size=pack)  # fmt: skip
+        rep = build(ft.synthetic_graph(), items, sources, store, progress=False, batch_size=pack)
         assert rep.ok
 
     def hand() -> None:
@@ -136,8 +140,7 @@ def overhead(tmp: Path, n: int, runs: int) -> dict:
         flow_times.append(_median(flow_build, 1)[0])
         hand_times.append(_median(hand, 1)[0])
     f, h = statistics.median(flow_times), statistics.median(hand_times)
-    return {"items": n, "flow_s": round(f, 3), "hand_loop_s": round(h, 3),
-            "ratio": round(f / h, 3)}  # fmt: skip
+    return {"items": n, "flow_s": round(f, 3), "hand_loop_s": round(h, 3), "ratio": round(f / h, 3)}
 
 
 def scaling(tmp: Path, n: int, work: int, runs: int) -> dict:
@@ -154,15 +157,19 @@ def scaling(tmp: Path, n: int, work: int, runs: int) -> dict:
                 store = open_store(st)
                 items, sources = ft.synthetic_inputs(data, None)
                 t0 = time.perf_counter()
-                rep = build(ft.synthetic_graph(params), items, sources, store, ex,
-                            progress=False)  # fmt: skip
+                rep = build(ft.synthetic_graph(params), items, sources, store, ex, progress=False)
                 times.append(time.perf_counter() - t0)
                 assert rep.ok
         finally:
             ex.close()
         out[workers] = statistics.median(times)
-    return {"items": n, "work": work, "one_worker_s": round(out[1], 3),
-            "two_workers_s": round(out[2], 3), "speedup": round(out[1] / out[2], 3)}  # fmt: skip
+    return {
+        "items": n,
+        "work": work,
+        "one_worker_s": round(out[1], 3),
+        "two_workers_s": round(out[2], 3),
+        "speedup": round(out[1] / out[2], 3),
+    }
 
 
 def main() -> None:
@@ -177,17 +184,26 @@ def main() -> None:
         sizes = (10_000,) if args.quick else (10_000, 100_000)
         results["noop"] = [noop(tmp, n, args.runs) for n in sizes]
         for r in results["noop"]:
-            print(f"no-op {r['items']:>7} items: median {r['noop_median_s']:.3f} s "
-                  f"{r['noop_runs_s']}; {r['files_per_10k_items_per_node']} files/10k/node "
-                  f"(first build {r['first_build_s']} s)", flush=True)  # fmt: skip
+            print(
+                f"no-op {r['items']:>7} items: median {r['noop_median_s']:.3f} s "
+                f"{r['noop_runs_s']}; {r['files_per_10k_items_per_node']} files/10k/node "
+                f"(first build {r['first_build_s']} s)",
+                flush=True,
+            )
         results["overhead"] = overhead(tmp, 2000 if args.quick else 10_000, 3)
         o = results["overhead"]
-        print(f"overhead {o['items']} items: flow {o['flow_s']} s, hand loop {o['hand_loop_s']} s,"
-              f" ratio {o['ratio']}", flush=True)  # fmt: skip
+        print(
+            f"overhead {o['items']} items: flow {o['flow_s']} s, hand loop {o['hand_loop_s']} s,"
+            f" ratio {o['ratio']}",
+            flush=True,
+        )
         results["scaling"] = scaling(tmp, 400 if args.quick else 2000, 40, 3)
         s = results["scaling"]
-        print(f"scaling {s['items']} items (work={s['work']}): 1 worker {s['one_worker_s']} s, "
-              f"2 workers {s['two_workers_s']} s, speedup {s['speedup']}", flush=True)
+        print(
+            f"scaling {s['items']} items (work={s['work']}): 1 worker {s['one_worker_s']} s, "
+            f"2 workers {s['two_workers_s']} s, speedup {s['speedup']}",
+            flush=True,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

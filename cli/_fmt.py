@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int] | None = None
-          ) -> str:
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int] | None = None
+) -> str:
     """A left/right aligned text table (numbers right-aligned by default)."""
     cells = [[str(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     if right is None:
-        right = {i for i in range(len(headers))
-                 if rows and all(isinstance(r[i], int | float) for r in rows)}
+        right = {
+            i
+            for i in range(len(headers))
+            if rows and all(isinstance(r[i], int | float) for r in rows)
+        }
     lines = []
     for n, r in enumerate(cells):
-        line = "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths)))
+        line = "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
         lines.append(line.rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

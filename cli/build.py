@@ -17,29 +17,59 @@ def _targets(values: tuple[str, ...]) -> list[str] | str:
 
 @click.command()
 @click.argument("what", required=False, default="index", type=click.Choice(["index"]))
-@click.option("-t", "--target", "targets", multiple=True,
-              help="Target(s) to build, comma-separated or repeated; 'all' (default) for every "
-                   "target in flow.toml.")
-@click.option("--scheduler", help="sync | threads | local (default) | tcp://host:port of an "
-                                  "existing dask scheduler.")
+@click.option(
+    "-t",
+    "--target",
+    "targets",
+    multiple=True,
+    help="Target(s) to build, comma-separated or repeated; 'all' (default) for every "
+    "target in flow.toml.",
+)
+@click.option(
+    "--scheduler",
+    help="sync | threads | local (default) | tcp://host:port of an existing dask scheduler.",
+)
 @click.option("--workers", type=int, help="Workers of a local cluster (default: one per core).")
-@click.option("--retry-failed", is_flag=True,
-              help="Run items that failed in an earlier build again (default: a recorded "
-                   "failure of the same recipe is reported, not retried).")
-@click.option("--fail-fast", is_flag=True,
-              help="Stop scheduling new work after the first failed item (default: keep going, "
-                   "finish everything else, exit 1 and list the failures).")
-@click.option("--retrain", is_flag=True,
-              help="Refit vocabularies, embedders and coders on the current training items "
-                   "(default: a fit is pinned once built and new studies don't retrain it).")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Run items that failed in an earlier build again (default: a recorded "
+    "failure of the same recipe is reported, not retried).",
+)
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    help="Stop scheduling new work after the first failed item (default: keep going, "
+    "finish everything else, exit 1 and list the failures).",
+)
+@click.option(
+    "--retrain",
+    is_flag=True,
+    help="Refit vocabularies, embedders and coders on the current training items "
+    "(default: a fit is pinned once built and new studies don't retrain it).",
+)
 @click.option("--compact", is_flag=True, help="Merge each target's index segments into one.")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bars (default: when stderr is a terminal).")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars (default: when stderr is a terminal).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @pass_ctx
 @handle_errors
-def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, retrain, compact,
-          progress, as_json):
+def build(
+    ctx,
+    what,
+    targets,
+    scheduler,
+    workers,
+    retry_failed,
+    fail_fast,
+    retrain,
+    compact,
+    progress,
+    as_json,
+):
     """Build the targets' indices, computing only what is stale.
 
     Every item that fails (a broken file, a node error) is recorded with its
@@ -51,11 +81,17 @@ def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, retra
     if retrain:
         ws.retrain, ws._graph = True, None
     items = ws.items()[0]
-    ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); "
-            f"store {ws.store.url}")
-    built = ws.build(_targets(targets), scheduler=scheduler, workers=workers,
-                     retry_failed=retry_failed, fail_fast=fail_fast, compact=compact,
-                     progress=False if ctx.quiet else progress, log=ctx.log)
+    ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); store {ws.store.url}")
+    built = ws.build(
+        _targets(targets),
+        scheduler=scheduler,
+        workers=workers,
+        retry_failed=retry_failed,
+        fail_fast=fail_fast,
+        compact=compact,
+        progress=False if ctx.quiet else progress,
+        log=ctx.log,
+    )
     rep = built.report
     if as_json:
         doc = rep.to_json()
@@ -69,8 +105,7 @@ def build(ctx, what, targets, scheduler, workers, retry_failed, fail_fast, retra
     else:
         _print_report(ctx, built)
     if rep.interrupted:
-        click.echo("interrupted: everything finished so far is stored; rerun to continue",
-                   err=True)
+        click.echo("interrupted: everything finished so far is stored; rerun to continue", err=True)
         sys.exit(130)
     if rep.failures or built.incomplete:
         sys.exit(1)
@@ -84,16 +119,31 @@ def _print_report(ctx, built) -> None:
             continue
         r = rep.steps.get(name)
         c = rep.after.steps[name].counts()
-        rows.append([name, sp.kind, (r.computed if r else 0), (r.reused if r else 0),
-                     (r.failed if r else 0) + c["failed"] * 0, c["fresh"],
-                     seconds(r.seconds) if r else "-"])
+        rows.append(
+            [
+                name,
+                sp.kind,
+                (r.computed if r else 0),
+                (r.reused if r else 0),
+                (r.failed if r else 0) + c["failed"] * 0,
+                c["fresh"],
+                seconds(r.seconds) if r else "-",
+            ]
+        )
     if not ctx.quiet:
-        click.echo(table(["step", "kind", "computed", "cut off", "failed", "fresh", "time"],
-                         rows, right={2, 3, 4, 5, 6}))
+        click.echo(
+            table(
+                ["step", "kind", "computed", "cut off", "failed", "fresh", "time"],
+                rows,
+                right={2, 3, 4, 5, 6},
+            )
+        )
     for t, e in built.moved.items():
         segs = e["value"]["segments"]
-        click.echo(f"ref {t} -> #{e['seq']}: {sum(s['count'] for s in segs)} items in "
-                   f"{len(segs)} segment(s)")
+        click.echo(
+            f"ref {t} -> #{e['seq']}: {sum(s['count'] for s in segs)} items in "
+            f"{len(segs)} segment(s)"
+        )
     for f in built.fits:
         ctx.log(f"fit {f} pinned (later builds reuse it; --retrain refits)")
     for t in built.unchanged:
@@ -103,8 +153,11 @@ def _print_report(ctx, built) -> None:
     if rep.failures:
         new = [f for f in rep.failures if f.new]
         old = [f for f in rep.failures if not f.new]
-        click.echo(f"{len(rep.failures)} failed item(s) ({len(new)} in this build, "
-                   f"{len(old)} recorded earlier; --retry-failed reruns those):", err=True)
+        click.echo(
+            f"{len(rep.failures)} failed item(s) ({len(new)} in this build, "
+            f"{len(old)} recorded earlier; --retry-failed reruns those):",
+            err=True,
+        )
         for f in rep.failures[:50]:
             click.echo(f"  {f.step}: {f.id}: {f.type}: {f.reason}", err=True)
             if ctx.verbose and f.traceback:
@@ -131,11 +184,25 @@ def status(ctx, targets, as_json):
     if as_json:
         click.echo(dumps(rows))
         return
-    click.echo(table(
-        ["target", "step", "kind", "fresh", "stale", "failed", "blocked", "why stale"],
-        [[r["target"], r["step"], r["kind"], r["fresh"], r["stale"], r["failed"], r["blocked"],
-          ", ".join(f"{k}: {v}" for k, v in sorted(r["reasons"].items()))] for r in rows],
-        right={3, 4, 5, 6}))
+    click.echo(
+        table(
+            ["target", "step", "kind", "fresh", "stale", "failed", "blocked", "why stale"],
+            [
+                [
+                    r["target"],
+                    r["step"],
+                    r["kind"],
+                    r["fresh"],
+                    r["stale"],
+                    r["failed"],
+                    r["blocked"],
+                    ", ".join(f"{k}: {v}" for k, v in sorted(r["reasons"].items())),
+                ]
+                for r in rows
+            ],
+            right={3, 4, 5, 6},
+        )
+    )
 
 
 commands = [build, status]

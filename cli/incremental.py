@@ -29,8 +29,12 @@ def _summary(built) -> str:
 @click.command()
 @click.argument("paths", nargs=-1)
 @click.option("--id", "ids", multiple=True, help="An item id to withdraw (repeatable).")
-@click.option("--study", "studies", multiple=True,
-              help="A DICOM StudyInstanceUID: withdraw every image of that study.")
+@click.option(
+    "--study",
+    "studies",
+    multiple=True,
+    help="A DICOM StudyInstanceUID: withdraw every image of that study.",
+)
 @click.option("--reason", default="", help="Recorded in the ref history.")
 @click.option("--no-build", is_flag=True, help="Only record; the next build drops the items.")
 @pass_ctx
@@ -46,12 +50,16 @@ def forget(ctx, paths, ids, studies, reason, no_build):
     """
     ws = ctx.workspace
     gone = ws.forget(list(paths), list(ids), list(studies), reason)
-    click.echo(f"withdrew {len(gone)} item(s): {', '.join(gone[:10])}"
-               f"{' ...' if len(gone) > 10 else ''}")  # fmt: skip
+    click.echo(
+        f"withdrew {len(gone)} item(s): {', '.join(gone[:10])}{' ...' if len(gone) > 10 else ''}"
+    )
     pins = ws.pinned()
     if pins:
-        click.echo("note: fits trained before this (" + ", ".join(sorted(pins)) + ") may have "
-                   "seen these items; `flow build --retrain` refits without them", err=True)
+        click.echo(
+            "note: fits trained before this (" + ", ".join(sorted(pins)) + ") may have "
+            "seen these items; `flow build --retrain` refits without them",
+            err=True,
+        )
     if no_build:
         return
     built = ws.build("all", progress=False, log=ctx.debug)
@@ -97,9 +105,13 @@ def _snapshot(project) -> dict[str, tuple[int, int]]:
 @click.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between scans.")
-@click.option("--settle", default=10.0, show_default=True,
-              help="A changed file is built once its size and mtime held still this long "
-                   "(half-copied files wait).")
+@click.option(
+    "--settle",
+    default=10.0,
+    show_default=True,
+    help="A changed file is built once its size and mtime held still this long "
+    "(half-copied files wait).",
+)
 @click.option("--scheduler", help="Scheduler for the builds (default: the project's).")
 @pass_ctx
 @handle_errors
@@ -120,8 +132,9 @@ def watch(ctx, folders, interval, settle, scheduler):
         have = {os.path.realpath(s.path) for s in project.sources}
         missing = wanted - have
         if missing:
-            click.echo(f"error: {', '.join(sorted(missing))} is not a source of "
-                       f"{project.file}", err=True)  # fmt: skip
+            click.echo(
+                f"error: {', '.join(sorted(missing))} is not a source of {project.file}", err=True
+            )
             sys.exit(2)
         project.sources = [s for s in project.sources if os.path.realpath(s.path) in wanted]
     stop = {"now": False}
@@ -133,8 +146,10 @@ def watch(ctx, folders, interval, settle, scheduler):
     built_state: dict | None = None
     last_seen: dict = {}
     changed_at: dict[str, float] = {}
-    ctx.log(f"watching {', '.join(str(s.path) for s in project.sources)} "
-            f"(every {interval:g} s, settle {settle:g} s); Ctrl-C to stop")  # fmt: skip
+    ctx.log(
+        f"watching {', '.join(str(s.path) for s in project.sources)} "
+        f"(every {interval:g} s, settle {settle:g} s); Ctrl-C to stop"
+    )
     try:
         while not stop["now"]:
             now = time.monotonic()

@@ -59,8 +59,9 @@ def handle_errors(f):
         try:
             return cctx.invoke(f, *args, **kwargs)
         except KeyboardInterrupt:
-            click.echo("interrupted: everything finished so far is stored; rerun to continue",
-                       err=True)
+            click.echo(
+                "interrupted: everything finished so far is stored; rerun to continue", err=True
+            )
             sys.exit(130)
         except BuildFailed as e:
             click.echo(f"error: {e}", err=True)
@@ -80,16 +81,25 @@ def handle_errors(f):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-p", "--project", envvar="FLOW_PROJECT", type=click.Path(),
-              help="flow.toml, or the folder holding it (default: ./flow.toml).")
-@click.option("--store", envvar="FLOW_STORE",
-              help="Store URL overriding the project's (a folder, s3://bucket/prefix).")
+@click.option(
+    "-p",
+    "--project",
+    envvar="FLOW_PROJECT",
+    type=click.Path(),
+    help="flow.toml, or the folder holding it (default: ./flow.toml).",
+)
+@click.option(
+    "--store",
+    envvar="FLOW_STORE",
+    help="Store URL overriding the project's (a folder, s3://bucket/prefix).",
+)
 @click.option("-v", "--verbose", count=True, help="More output; tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only results and errors.")
 @click.version_option(package_name="flow-cbir")
 @click.pass_context
-def cli(cctx: click.Context, project: str | None, store: str | None, verbose: int,
-        quiet: bool) -> None:
+def cli(
+    cctx: click.Context, project: str | None, store: str | None, verbose: int, quiet: bool
+) -> None:
     """flow: build and keep fresh content-based medical image retrieval indices."""
     cctx.obj = Context(project, store, verbose, quiet)
 

@@ -46,11 +46,24 @@ def log(ctx, target, as_json):
     for e in reversed(hist):
         segs = e.get("value", {}).get("segments", [])
         first = segs[0]["index"] if segs else ["", ""]
-        rows.append([f"#{e['seq']}", _when(e["time"]), f"{e.get('user', '')}@{e.get('host', '')}",
-                     sum(s.get("count", 0) for s in segs), len(segs),
-                     f"{first[0]} {first[1][:12]}", e.get("message", "")])  # fmt: skip
-    click.echo(table(["seq", "time", "by", "items", "segments", "first segment", "message"],
-                     rows, right={3, 4}))
+        rows.append(
+            [
+                f"#{e['seq']}",
+                _when(e["time"]),
+                f"{e.get('user', '')}@{e.get('host', '')}",
+                sum(s.get("count", 0) for s in segs),
+                len(segs),
+                f"{first[0]} {first[1][:12]}",
+                e.get("message", ""),
+            ]
+        )
+    click.echo(
+        table(
+            ["seq", "time", "by", "items", "segments", "first segment", "message"],
+            rows,
+            right={3, 4},
+        )
+    )
 
 
 @click.command()
@@ -78,14 +91,25 @@ def explain(ctx, what, depth, as_json):
         recs = lin.downstream(k, depth)
         held = _indices_holding(ws, what)
         if as_json:
-            click.echo(json.dumps({"file": what, "key": k, "derived": [r.to_json() for r in recs],
-                                   "indices": held}, indent=2))  # fmt: skip
+            click.echo(
+                json.dumps(
+                    {
+                        "file": what,
+                        "key": k,
+                        "derived": [r.to_json() for r in recs],
+                        "indices": held,
+                    },
+                    indent=2,
+                )
+            )
             return
         click.echo(f"{what}\nkey {k}")
         click.echo("\n".join(tree(recs)) if recs else "  (nothing stored from this file)")
         for h in held:
-            click.echo(f"in index {h['target']} (ref #{h['seq']}) as {h['id']!r}, labels "
-                       f"{h['labels'] or '-'}")  # fmt: skip
+            click.echo(
+                f"in index {h['target']} (ref #{h['seq']}) as {h['id']!r}, labels "
+                f"{h['labels'] or '-'}"
+            )
         return
     try:
         recs = lin.find(what)
@@ -117,13 +141,14 @@ def _indices_holding(ws, path: str) -> list[dict]:
             continue
         try:
             r = Retriever(ws.store, ref)
-        except Exception:  # noqa: BLE001 - a target we can't open holds nothing we can show
+        except Exception:
             continue
         for iid in ids:
             if iid in r.ids:
                 j = r.ids.index(iid)
-                out.append({"target": t, "seq": ref["seq"], "id": iid,
-                            "labels": "|".join(r.labels[j])})  # fmt: skip
+                out.append(
+                    {"target": t, "seq": ref["seq"], "id": iid, "labels": "|".join(r.labels[j])}
+                )
     return out
 
 
@@ -150,25 +175,38 @@ def verify(ctx, no_repair, as_json):
 
     problems = run_verify(store, repair=not no_repair, progress=progress)
     if as_json:
-        click.echo(json.dumps({"checked": checked, "problems": [p.__dict__ for p in problems]},
-                              indent=2))  # fmt: skip
+        click.echo(
+            json.dumps({"checked": checked, "problems": [p.__dict__ for p in problems]}, indent=2)
+        )
     else:
-        click.echo(f"checked {checked['pack']} packs and {checked['object']} objects: "
-                   f"{len(problems)} corrupt")  # fmt: skip
+        click.echo(
+            f"checked {checked['pack']} packs and {checked['object']} objects: "
+            f"{len(problems)} corrupt"
+        )
         for p in problems:
             action = "reported" if no_repair else "quarantined; the next build recomputes it"
-            click.echo(f"  {p.kind} {p.node}/{p.id}"
-                       f"{f' ({p.items} items)' if p.items else ''}: {p.reason} -- {action}")
+            click.echo(
+                f"  {p.kind} {p.node}/{p.id}"
+                f"{f' ({p.items} items)' if p.items else ''}: {p.reason} -- {action}"
+            )
     if problems:
         sys.exit(1)
 
 
 @click.command()
 @click.option("--delete", is_flag=True, help="Delete (default: a dry run that only reports).")
-@click.option("--keep", default=5, show_default=True,
-              help="Ref history entries (besides the current one) whose objects are kept.")
-@click.option("--grace", default=3600.0, show_default=True,
-              help="Seconds: anything younger is kept (a build may be writing it).")
+@click.option(
+    "--keep",
+    default=5,
+    show_default=True,
+    help="Ref history entries (besides the current one) whose objects are kept.",
+)
+@click.option(
+    "--grace",
+    default=3600.0,
+    show_default=True,
+    help="Seconds: anything younger is kept (a build may be writing it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 @handle_errors
@@ -193,24 +231,42 @@ def gc(ctx, delete, keep, grace, as_json):
             st = g[name]
             if st.kind == "source":
                 continue
-            keep_rows = [rk for s, rk in zip(sp.status, sp.rkeys)
-                         if s in (FRESH, FAILED) and rk is not None]  # fmt: skip
+            keep_rows = [
+                rk for s, rk in zip(sp.status, sp.rkeys) if s in (FRESH, FAILED) and rk is not None
+            ]
             if st.kind == "item":
                 live_items.setdefault(st.node_name, set()).update(keep_rows)
             else:
                 live_objects.update((st.node_name, bytes(rk).hex()) for rk in keep_rows)
-    res = collect(ws.store, live_items=live_items, live_objects=live_objects, keep=keep,
-                  grace=grace, delete=delete, purge=ws.forgotten_ids())  # fmt: skip
+    res = collect(
+        ws.store,
+        live_items=live_items,
+        live_objects=live_objects,
+        keep=keep,
+        grace=grace,
+        delete=delete,
+        purge=ws.forgotten_ids(),
+    )
     if as_json:
-        click.echo(json.dumps({
-            "deleted": res.deleted, "files": res.files, "bytes": res.bytes,
-            "kept_packs": res.kept_packs, "kept_objects": res.kept_objects,
-            "dead": {k: [p for p, _ in v] for k, v in res.dead.items()},
-        }, indent=2))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {
+                    "deleted": res.deleted,
+                    "files": res.files,
+                    "bytes": res.bytes,
+                    "kept_packs": res.kept_packs,
+                    "kept_objects": res.kept_objects,
+                    "dead": {k: [p for p, _ in v] for k, v in res.dead.items()},
+                },
+                indent=2,
+            )
+        )
         return
     verb = "deleted" if res.deleted else "would delete"
-    click.echo(f"{verb} {res.files} files, {_human(res.bytes)}; kept {res.kept_packs} packs "
-               f"and {res.kept_objects} objects")  # fmt: skip
+    click.echo(
+        f"{verb} {res.files} files, {_human(res.bytes)}; kept {res.kept_packs} packs "
+        f"and {res.kept_objects} objects"
+    )
     for reason, files in res.dead.items():
         click.echo(f"  {reason}: {len(files)} files, {_human(sum(s for _, s in files))}")
     if not res.deleted and res.files:

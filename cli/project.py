@@ -9,7 +9,7 @@ import click
 
 from cli.main import handle_errors, pass_ctx
 
-TEMPLATE = '''\
+TEMPLATE = """\
 # flow project: what to index, where to keep it, and which indices to build.
 # Paths are relative to this file.  Run `flow status` to see what is stale and
 # `flow build index --target=all` to build.
@@ -69,7 +69,7 @@ kind = "codes"          # binary codes from the cnn embedding, re-ranked by it
 embedding = "cnn"
 [targets.codes.coder]
 bits = 64
-'''
+"""
 
 
 @click.command()
@@ -89,7 +89,7 @@ def init(folder, images, labels, force):
     click.echo(f"wrote {path}")
 
 
-DEMO_TOML = '''\
+DEMO_TOML = """\
 # The flow demo: synthetic chest phantoms written as DICOM by `flow demo`.
 [store]
 url = ".flow/store"
@@ -124,13 +124,14 @@ kind = "codes"
 embedding = "cnn"
 [targets.codes.coder]
 bits = 32
-'''
+"""
 
 
 @click.command()
 @click.argument("folder", required=False, default="flow-demo", type=click.Path(file_okay=False))
-@click.option("-n", "--images", "n", default=200, show_default=True,
-              help="How many phantom studies to write.")
+@click.option(
+    "-n", "--images", "n", default=200, show_default=True, help="How many phantom studies to write."
+)
 @click.option("--epochs", default=15, show_default=True, help="Embedder training epochs.")
 @click.option("--scheduler", default="local", show_default=True)
 @click.option("-k", default=5, show_default=True, help="Results per query.")
@@ -162,9 +163,19 @@ def demo(ctx, folder, n, epochs, scheduler, k):
     from cli.query import evaluate, query
 
     try:
-        cctx.invoke(build, what="index", targets=("all",), scheduler=None, workers=None,
-                    retry_failed=False, fail_fast=False, retrain=False, compact=False,
-                    progress=None, as_json=False)
+        cctx.invoke(
+            build,
+            what="index",
+            targets=("all",),
+            scheduler=None,
+            workers=None,
+            retry_failed=False,
+            fail_fast=False,
+            retrain=False,
+            compact=False,
+            progress=None,
+            as_json=False,
+        )
     except SystemExit as e:
         if e.code not in (0, None):
             raise
@@ -173,11 +184,11 @@ def demo(ctx, folder, n, epochs, scheduler, k):
     val = [i for i, s in enumerate(items.splits) if s == "val"]
     probe = meta["paths"][val[0]] if val else meta["paths"][0]
     click.echo(f"\nquery: {probe} (labels: {'|'.join(meta['labels'][val[0] if val else 0])})")
-    cctx.invoke(query, image=probe, target="cnn", k=k, as_json=False, montage=None,
-                search_k=None)
+    cctx.invoke(query, image=probe, target="cnn", k=k, as_json=False, montage=None, search_k=None)
     click.echo("")
-    cctx.invoke(evaluate, targets=("all",), k=10, as_json=False, plot=str(root / "eval.png"),
-                scheduler=None)
+    cctx.invoke(
+        evaluate, targets=("all",), k=10, as_json=False, plot=str(root / "eval.png"), scheduler=None
+    )
 
 
 commands = [init, demo]

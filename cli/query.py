@@ -12,11 +12,18 @@ from cli.main import handle_errors, pass_ctx
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-t", "--target", default="cnn", show_default=True, help="Which index to search.")
 @click.option("-k", default=10, show_default=True, help="How many results.")
-@click.option("--search-k", type=int, default=None,
-              help="annoy search_k: nodes inspected per query (more: slower, closer to exact).")
+@click.option(
+    "--search-k",
+    type=int,
+    default=None,
+    help="annoy search_k: nodes inspected per query (more: slower, closer to exact).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--montage", type=click.Path(dir_okay=False),
-              help="Write a PNG of the query beside its results, with labels.")
+@click.option(
+    "--montage",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG of the query beside its results, with labels.",
+)
 @pass_ctx
 @handle_errors
 def query(ctx, image, target, k, search_k, as_json, montage):
@@ -34,12 +41,19 @@ def query(ctx, image, target, k, search_k, as_json, montage):
     if as_json:
         import json
 
-        click.echo(json.dumps({"query": image, "target": target,
-                               "results": [h.to_json() for h in hits]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"query": image, "target": target, "results": [h.to_json() for h in hits]}, indent=2
+            )
+        )
     else:
-        click.echo(table(["rank", "distance", "item", "labels"],
-                         [[h.rank, round(h.distance, 4), h.id, "|".join(h.labels)]
-                          for h in hits], right={0, 1}))
+        click.echo(
+            table(
+                ["rank", "distance", "item", "labels"],
+                [[h.rank, round(h.distance, 4), h.id, "|".join(h.labels)] for h in hits],
+                right={0, 1},
+            )
+        )
     if montage:
         from nodes.montage import montage as draw
 
@@ -65,17 +79,21 @@ def _paths(ctx) -> dict[str, str]:
         ws = ctx.workspace
         items, _, meta = ws.items()
         return dict(zip(items.ids, meta["paths"]))
-    except Exception:  # noqa: BLE001 - the montage then shows ids without pictures
+    except Exception:
         return {}
 
 
 @click.command("eval")
-@click.option("-t", "--target", "targets", multiple=True,
-              help="Target(s) to evaluate (default: all).")
+@click.option(
+    "-t", "--target", "targets", multiple=True, help="Target(s) to evaluate (default: all)."
+)
 @click.option("-k", default=None, type=int, help="Largest K (default: [eval] k, 10).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--plot", type=click.Path(dir_okay=False),
-              help="Write a PNG of the metrics against K for every target.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG of the metrics against K for every target.",
+)
 @click.option("--scheduler", help="For building what the evaluation needs (default: project's).")
 @pass_ctx
 @handle_errors
@@ -101,13 +119,38 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
         rows = []
         for r in results:
             m, b = r["metrics"], r["random"]
-            rows.append([r["target"], r["kind"], m["avg"][k], m["precision"][k], m["map"][k],
-                         b["avg"][k], b["precision"][k], b["map"][k]])
-        click.echo(f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}) "
-                   f"against {results[0]['database']} items "
-                   f"({', '.join(ws.project.eval_database)}), K={k}")
-        click.echo(table(["target", "kind", f"AvG@{k}", f"P@{k}", f"mAP@{k}",
-                          f"random AvG@{k}", f"random P@{k}", f"random mAP@{k}"], rows))
+            rows.append(
+                [
+                    r["target"],
+                    r["kind"],
+                    m["avg"][k],
+                    m["precision"][k],
+                    m["map"][k],
+                    b["avg"][k],
+                    b["precision"][k],
+                    b["map"][k],
+                ]
+            )
+        click.echo(
+            f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}) "
+            f"against {results[0]['database']} items "
+            f"({', '.join(ws.project.eval_database)}), K={k}"
+        )
+        click.echo(
+            table(
+                [
+                    "target",
+                    "kind",
+                    f"AvG@{k}",
+                    f"P@{k}",
+                    f"mAP@{k}",
+                    f"random AvG@{k}",
+                    f"random P@{k}",
+                    f"random mAP@{k}",
+                ],
+                rows,
+            )
+        )
     if plot:
         from nodes.retrieval import plot_metrics
 

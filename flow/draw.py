@@ -31,8 +31,9 @@ def _state(counts: dict[str, int] | None) -> str:
     return "fresh"
 
 
-def draw(graph: Graph, path: str | os.PathLike, summary: dict[str, dict] | None = None,
-         title: str = "") -> None:  # fmt: skip
+def draw(
+    graph: Graph, path: str | os.PathLike, summary: dict[str, dict] | None = None, title: str = ""
+) -> None:
     """Write the graph to ``path`` (.png or .svg); ``summary`` is ``Plan.summary()``."""
     import matplotlib
 
@@ -59,16 +60,27 @@ def draw(graph: Graph, path: str | os.PathLike, summary: dict[str, dict] | None 
         for inp in graph[n].inputs:
             x0, y0 = pos[inp.step]
             style = "-" if inp.mode == "item" else ("--" if inp.mode == "all" else ":")
-            ax.annotate("", xy=(x - 1.1, y), xytext=(x0 + 1.1, y0),
-                        arrowprops={"arrowstyle": "->", "lw": 1, "ls": style,
-                                    "color": "#607d8b"})  # fmt: skip
+            ax.annotate(
+                "",
+                xy=(x - 1.1, y),
+                xytext=(x0 + 1.1, y0),
+                arrowprops={"arrowstyle": "->", "lw": 1, "ls": style, "color": "#607d8b"},
+            )
     for n in order:
         x, y = pos[n]
         st = graph[n]
         counts = (summary or {}).get(n)
         state = "source" if st.kind == "source" else _state(counts)
-        ax.add_patch(FancyBboxPatch((x - 1.1, y - 0.32), 2.2, 0.64,
-                                    boxstyle="round,pad=0.02", fc=COLORS[state], ec="#37474f"))
+        ax.add_patch(
+            FancyBboxPatch(
+                (x - 1.1, y - 0.32),
+                2.2,
+                0.64,
+                boxstyle="round,pad=0.02",
+                fc=COLORS[state],
+                ec="#37474f",
+            )
+        )
         label = n if st.kind == "source" else f"{n}\n{st.node_name} ({st.kind})"
         if counts is not None and st.kind != "source":
             stale = counts.get("missing", 0) + counts.get("pending", 0)
@@ -82,8 +94,15 @@ def draw(graph: Graph, path: str | os.PathLike, summary: dict[str, dict] | None 
     ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
     ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, fc=c) for c in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="upper left", fontsize=7, ncol=5, frameon=False,
-              bbox_to_anchor=(0, 1.08))  # fmt: skip
+    ax.legend(
+        handles,
+        list(COLORS),
+        loc="upper left",
+        fontsize=7,
+        ncol=5,
+        frameon=False,
+        bbox_to_anchor=(0, 1.08),
+    )
     if title:
         ax.set_title(title, fontsize=9, loc="right")
     fig.tight_layout()

@@ -47,6 +47,7 @@ change the bytes a node produces.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -269,19 +270,15 @@ def fingerprint(fn: Callable) -> str:
         namespace = dict(vars(sys.modules[obj.__module__]))
         if isinstance(obj, types.FunctionType) and obj.__closure__:
             for var, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
-                try:
+                with contextlib.suppress(ValueError):  # an empty cell
                     namespace[var] = cell.cell_contents
-                except ValueError:  # empty cell
-                    pass
         for ref_name, ref in _referenced(tree, namespace, package):
             visit(ref_name, ref, False)
 
     visit("", fn, True)
     digest = key(parts).hex()
-    try:
+    with contextlib.suppress(AttributeError):
         fn.__flow_fingerprint__ = digest
-    except AttributeError:
-        pass
     return digest
 
 

@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
-from flow.graph import Graph, Step, toposort
 import numpy as np
 from blake3 import blake3
 
+from flow.graph import Graph, Step, toposort
 from flow.keys import _ITEM_DOMAIN, KEY_SIZE, item_key, items_key
 
 __all__ = [
@@ -147,8 +147,10 @@ class StepPlan:
 
     def counts(self) -> dict[str, int]:
         c = np.bincount(np.asarray(self.status, np.int64), minlength=len(Status))
-        return {s.name.lower(): int(c[s]) for s in (Status.FRESH, Status.MISSING,
-                Status.PENDING, Status.FAILED, Status.BLOCKED)}  # fmt: skip
+        return {
+            s.name.lower(): int(c[s])
+            for s in (Status.FRESH, Status.MISSING, Status.PENDING, Status.FAILED, Status.BLOCKED)
+        }
 
     def reason_counts(self) -> dict[str, int]:
         return dict(Counter(r for r in self.reasons if r))
@@ -321,25 +323,36 @@ def _plan_set_step(
         members[inp.step] = rows
         digests.append(items_key([items.ids[i] for i in rows], [up.ckeys[i] for i in rows]))
     if state == Status.PENDING:
-        return StepPlan(step.name, "set", _one(Status.PENDING), [None], [None],
-                        ["input changed"], excluded, members)  # fmt: skip
+        return StepPlan(
+            step.name,
+            "set",
+            _one(Status.PENDING),
+            [None],
+            [None],
+            ["input changed"],
+            excluded,
+            members,
+        )
     if state == Status.BLOCKED:
         return StepPlan(step.name, "set", _one(Status.BLOCKED), [None], [None], [None], excluded)
     rk = bytes(item_key(bytes(step.prefix), digests))
     obj = objects.get(rk) if objects is not None else None
     if obj is not None and not obj.failed:
-        return StepPlan(step.name, "set", _one(Status.FRESH), [rk], [obj.ckey], [None],
-                        excluded, members)  # fmt: skip
+        return StepPlan(
+            step.name, "set", _one(Status.FRESH), [rk], [obj.ckey], [None], excluded, members
+        )
     if obj is not None and obj.failed and not retry_failed:
-        return StepPlan(step.name, "set", _one(Status.FAILED), [rk], [None], [None], excluded,
-                        members)  # fmt: skip
+        return StepPlan(
+            step.name, "set", _one(Status.FAILED), [rk], [None], [None], excluded, members
+        )
     if obj is not None:
         reason = "retry"
     else:
         prev = objects.previous(step.name) if objects is not None else None
         reason = _reason(step, prev, b"".join(digests).hex())
-    return StepPlan(step.name, "set", _one(Status.MISSING), [rk], [None], [reason], excluded,
-                    members)  # fmt: skip
+    return StepPlan(
+        step.name, "set", _one(Status.MISSING), [rk], [None], [reason], excluded, members
+    )
 
 
 def _one(status: Status) -> np.ndarray:

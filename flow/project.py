@@ -22,6 +22,7 @@ turns its sources into the build's items:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import tomllib
 from collections.abc import Mapping
@@ -152,19 +153,20 @@ def _read_labels(src: Source, rels: list[str]) -> dict[int, tuple[tuple[str, ...
     assert path is not None
     where = f"labels file {path}"
     try:
-        fh = open(path, newline="", encoding="utf-8-sig")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise ConfigError(f"{where}: cannot open ({e.strerror or e})") from None
-    with fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        join_col = src.file_column if src.join == "file" else src.join
-        for needed in (join_col, src.labels_column):
-            if needed not in cols:
-                raise ConfigError(
-                    f"{where}: no column {needed!r} (columns: {', '.join(cols) or 'none'})"
-                )
-        rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text ({e})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = reader.fieldnames or []
+    join_col = src.file_column if src.join == "file" else src.join
+    for needed in (join_col, src.labels_column):
+        if needed not in cols:
+            raise ConfigError(
+                f"{where}: no column {needed!r} (columns: {', '.join(cols) or 'none'})"
+            )
+    rows = list(reader)
     has_split = src.split_column in cols
     by_value: dict[str, tuple[tuple[str, ...], str]] = {}
     for r in rows:
@@ -198,7 +200,7 @@ def _read_labels(src: Source, rels: list[str]) -> dict[int, tuple[tuple[str, ...
     for i, rel in enumerate(rels):
         try:
             ident = dicom_identifiers(os.path.join(src_dir, rel)).get(src.join)
-        except Exception:  # noqa: BLE001 - not DICOM or unreadable: unlabeled
+        except Exception:
             continue
         if ident and str(ident) in by_value:
             out[i] = by_value[str(ident)]
@@ -211,9 +213,19 @@ def _read_labels(src: Source, rels: list[str]) -> dict[int, tuple[tuple[str, ...
 
 _TOP = {"store", "build", "sources", "train", "database", "eval", "targets", "nodes", "cluster"}
 _SOURCE_KEYS = {
-    "name", "path", "include", "exclude", "extensionless", "labels", "join", "file_column",
-    "labels_column", "labels_separator", "split_column", "default_split",
-}  # fmt: skip
+    "name",
+    "path",
+    "include",
+    "exclude",
+    "extensionless",
+    "labels",
+    "join",
+    "file_column",
+    "labels_column",
+    "labels_separator",
+    "split_column",
+    "default_split",
+}
 
 
 def _check_keys(where: str, table: Mapping, allowed: set[str]) -> None:

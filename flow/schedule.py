@@ -197,9 +197,7 @@ def get_executor(scheduler: str = "local", workers: int | None = None, **kw: Any
         return DaskExecutor(None, workers, **kw)
     if "://" in scheduler:
         return DaskExecutor(scheduler, workers, **kw)
-    raise FlowError(
-        f"unknown scheduler {scheduler!r}: use sync, threads, local or tcp://host:port"
-    )
+    raise FlowError(f"unknown scheduler {scheduler!r}: use sync, threads, local or tcp://host:port")
 
 
 # --------------------------------------------------------------------------
@@ -389,8 +387,9 @@ class Builder:
                     wires.append(("ext", ext_names.index(inp.step)))
             assert st.node is not None
             steps.append(
-                ChainStep(name, st.node, asdict(st.params), bytes(st.prefix), tuple(wires),
-                          _recipe(st))  # fmt: skip
+                ChainStep(
+                    name, st.node, asdict(st.params), bytes(st.prefix), tuple(wires), _recipe(st)
+                )
             )
         ones = []
         for name in one_names:
@@ -446,8 +445,9 @@ class Builder:
         if not work:
             return
         steps, ext_names, ones = self._chain_tasks(p, chain)
-        size = _batch_size([self.graph[c] for c in chain], len(work),
-                           self.executor.n_workers, self.batch_override)  # fmt: skip
+        size = _batch_size(
+            [self.graph[c] for c in chain], len(work), self.executor.n_workers, self.batch_override
+        )
         batches = [work[lo : lo + size] for lo in range(0, len(work), size)]
         for name in chain:
             self.progress.start(name, len(work))
@@ -462,8 +462,9 @@ class Builder:
                 while queue and len(in_flight) < max_in_flight and not self._stop:
                     batch = queue.pop(0)
                     items = [self._chain_item(p, chain, ext_names, i) for i in batch]
-                    fut = self.executor.submit(run_chain, self.ctx, steps, items, ones,
-                                               self.retry_failed)  # fmt: skip
+                    fut = self.executor.submit(
+                        run_chain, self.ctx, steps, items, ones, self.retry_failed
+                    )
                     in_flight[fut] = batch
                 if not in_flight:
                     break
@@ -483,8 +484,7 @@ class Builder:
             for name in chain:
                 self.progress.update(name, len(batch))
             self._failures.append(
-                Failure(chain[0], f"<{len(batch)} items>", type(e).__name__,
-                        f"task failed: {e}")  # fmt: skip
+                Failure(chain[0], f"<{len(batch)} items>", type(e).__name__, f"task failed: {e}")
             )
             if self.fail_fast:
                 self._stop = True
@@ -493,8 +493,14 @@ class Builder:
             self.catalogs[m["node"]]._add_manifests([m])
             for f in m.get("failures", []):
                 self._failures.append(
-                    Failure(m["step"], f["id"], f["type"], f["reason"], f.get("traceback", ""),
-                            bad_input=bool(f.get("bad_input")))
+                    Failure(
+                        m["step"],
+                        f["id"],
+                        f["type"],
+                        f["reason"],
+                        f.get("traceback", ""),
+                        bad_input=bool(f.get("bad_input")),
+                    )
                 )
                 if self.fail_fast:
                     self._stop = True
@@ -548,8 +554,9 @@ class Builder:
                 n_in = sum(len(i[1]) for i in inputs if i[0] == "all")
                 self.log(f"{name}: fitting over {n_in} items")
                 self.progress.start(name, 1, unit="fit")
-                chain_step = ChainStep(name, st.node, asdict(st.params), bytes(st.prefix),
-                                       (), _recipe(st))  # type: ignore[arg-type]  # fmt: skip
+                chain_step = ChainStep(
+                    name, st.node, asdict(st.params), bytes(st.prefix), (), _recipe(st)
+                )  # type: ignore[arg-type]
                 futs[self.executor.submit(run_set, self.ctx, chain_step, inputs, digests)] = name
             pending = set(futs)
             try:
@@ -576,8 +583,14 @@ class Builder:
                             r.failed += 1
                             f = m["failure"]
                             self._failures.append(
-                                Failure(name, "<set>", f["type"], f["reason"],
-                                        f.get("traceback", ""), bad_input=bool(f.get("bad_input")))
+                                Failure(
+                                    name,
+                                    "<set>",
+                                    f["type"],
+                                    f["reason"],
+                                    f.get("traceback", ""),
+                                    bad_input=bool(f.get("bad_input")),
+                                )
                             )
                             self._stop = self._stop or self.fail_fast
                         else:
@@ -627,10 +640,18 @@ class Builder:
             sp = p.steps[name]
             if st.kind == "source":
                 errs = self.items.source_errors.get(name, {})
-                for i, s in sorted(errs.items()):
+                for i, _s in sorted(errs.items()):
                     if sp.status[i] == BLOCKED:
-                        out.append(Failure(name, self.items.ids[i], "SourceError", errs[i],
-                                           new=False, bad_input=True))  # fmt: skip
+                        out.append(
+                            Failure(
+                                name,
+                                self.items.ids[i],
+                                "SourceError",
+                                errs[i],
+                                new=False,
+                                bad_input=True,
+                            )
+                        )
                 continue
             for i in np.flatnonzero(sp.status == FAILED).tolist():
                 item_id = self.items.ids[i] if st.kind == "item" else "<set>"
@@ -639,8 +660,16 @@ class Builder:
                 if st.kind == "set":
                     obj = self.objects[st.node_name].get(sp.rkeys[i])  # type: ignore[arg-type]
                     f = obj.manifest.get("failure", {}) if obj else {}
-                    out.append(Failure(name, item_id, f.get("type", "?"), f.get("reason", "?"),
-                                       new=False, bad_input=bool(f.get("bad_input"))))  # fmt: skip
+                    out.append(
+                        Failure(
+                            name,
+                            item_id,
+                            f.get("type", "?"),
+                            f.get("reason", "?"),
+                            new=False,
+                            bad_input=bool(f.get("bad_input")),
+                        )
+                    )
                     continue
                 cat = self.catalogs[st.node_name]
                 pk = cat.failed.get(sp.rkeys[i])  # type: ignore[arg-type]
@@ -654,9 +683,17 @@ class Builder:
                 rk = sp.rkeys[i].hex()  # type: ignore[union-attr]
                 for f in doc.get("failures", []):
                     if f["rkey"] == rk:
-                        out.append(Failure(name, item_id, f["type"], f["reason"],
-                                           f.get("traceback", ""), new=False,
-                                           bad_input=bool(f.get("bad_input"))))  # fmt: skip
+                        out.append(
+                            Failure(
+                                name,
+                                item_id,
+                                f["type"],
+                                f["reason"],
+                                f.get("traceback", ""),
+                                new=False,
+                                bad_input=bool(f.get("bad_input")),
+                            )
+                        )
                         break
         return out
 

@@ -31,8 +31,19 @@ import numpy as np
 
 from flow.keys import KEY_SIZE, file_key, key
 
-DEFAULT_INCLUDE = ("*.dcm", "*.dicom", "*.png", "*.jpg", "*.jpeg", "*.DCM", "*.PNG", "*.JPG",
-                   "*.JPEG", "*.ima", "*.IMA")  # fmt: skip
+DEFAULT_INCLUDE = (
+    "*.dcm",
+    "*.dicom",
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.DCM",
+    "*.PNG",
+    "*.JPG",
+    "*.JPEG",
+    "*.ima",
+    "*.IMA",
+)
 _RECENT_NS = 2_000_000_000
 
 

@@ -45,15 +45,14 @@ def check_node(n: Node, *args: Any, **params: Any) -> Key:
 
 def check_key_stable(expr: str, expected: str | None = None) -> str:
     """The key of ``eval(expr)`` computed in a fresh interpreter (hex)."""
-    code = (
-        "import numpy as np\n"
-        "from flow.keys import key\n"
-        f"print(key({expr}).hex())\n"
-    )
+    code = f"import numpy as np\nfrom flow.keys import key\nprint(key({expr}).hex())\n"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONHASHSEED": "random"},
-    ).stdout.strip()  # fmt: skip
+    ).stdout.strip()
     if expected is not None:
         assert out == expected, f"key({expr}) is {out} in a fresh interpreter, not {expected}"
     return out
@@ -114,8 +113,9 @@ def synthetic_graph(params: dict[str, dict] | None = None) -> Graph:
     return g
 
 
-def write_synthetic_files(folder: str | Path, n: int, size: int = 256, seed: int = 0,
-                          start: int = 0) -> list[Path]:  # fmt: skip
+def write_synthetic_files(
+    folder: str | Path, n: int, size: int = 256, seed: int = 0, start: int = 0
+) -> list[Path]:
     """``n`` small random files ``f000000.bin ...`` (deterministic for a seed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

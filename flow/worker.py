@@ -197,11 +197,19 @@ def load_object(store, node: str, rkey: bytes) -> Any:
 
 def _error(exc: BaseException) -> dict:
     if isinstance(exc, ItemError):
-        return {"type": type(exc).__name__, "reason": exc.reason, "traceback": "",
-                "bad_input": True}  # fmt: skip
+        return {
+            "type": type(exc).__name__,
+            "reason": exc.reason,
+            "traceback": "",
+            "bad_input": True,
+        }
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
-    return {"type": type(exc).__name__, "reason": str(exc) or type(exc).__name__,
-            "traceback": tb, "bad_input": False}  # fmt: skip
+    return {
+        "type": type(exc).__name__,
+        "reason": str(exc) or type(exc).__name__,
+        "traceback": tb,
+        "bad_input": False,
+    }
 
 
 def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared: tuple = ()):
@@ -221,8 +229,11 @@ def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared
             chunk = args_per_item[lo : lo + size]
             t0 = time.perf_counter()
             try:
-                cols = [c[0] if j in shared else list(c)
-                        for j, c in enumerate(zip(*chunk))] if chunk[0] else []
+                cols = (
+                    [c[0] if j in shared else list(c) for j, c in enumerate(zip(*chunk))]
+                    if chunk[0]
+                    else []
+                )
                 outs = node.fn(*cols, **params)
                 if len(outs) != len(chunk):
                     raise ValueError(
@@ -365,8 +376,9 @@ def run_chain(
                 ck[st.name][i] = c
                 results.append(ItemResult(items[i].id, rk, tuple(in_keys[i]), v, c, None, dt))
             else:
-                results.append(ItemResult(items[i].id, rk, tuple(in_keys[i]), error=err,
-                                          seconds=dt))  # fmt: skip
+                results.append(
+                    ItemResult(items[i].id, rk, tuple(in_keys[i]), error=err, seconds=dt)
+                )
         for i, err in bad.items():
             rk = item_key(st.prefix, in_keys[i])
             results.append(ItemResult(items[i].id, rk, tuple(in_keys[i]), error=err))

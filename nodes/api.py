@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from flow.errors import ConfigError, FlowError
-from store.maintenance import id_key
 from flow.graph import Graph, cull
 from flow.plan import Plan, Status, plan
 from flow.project import Project, load_project
 from nodes.pipeline import pipeline, ref_value, target_steps
+from store.maintenance import id_key
 
 __all__ = ["Workspace"]
 
@@ -49,8 +49,9 @@ class Workspace:
         self._items: tuple | None = None
 
     @classmethod
-    def open(cls, path: str | Path | None = None, *, store: str | None = None,
-             retrain: bool = False) -> Workspace:  # fmt: skip
+    def open(
+        cls, path: str | Path | None = None, *, store: str | None = None, retrain: bool = False
+    ) -> Workspace:
         return cls(load_project(path, store=store), retrain=retrain)
 
     # -- the graph over the current sources -------------------------------------------
@@ -86,7 +87,7 @@ class Workspace:
         for t, steps in targets.items():
             if self.retrain or self.project.targets[t].get("retrain", False):
                 retrain.update(steps.get("fits", []))
-        for t, steps in targets.items():
+        for steps in targets.values():
             for name in steps.get("fits", []):
                 if name in retrain or g[name].kind != "set":
                     continue
@@ -98,8 +99,9 @@ class Workspace:
                     continue  # the fit's recipe changed: fit again
                 if not self.store.exists(f"objects/{v['node']}/{v['rkey']}.json"):
                     continue
-                g = g.replace(Step(name=name, source="object",
-                                   pin=(v["node"], v["rkey"], v["ckey"])))  # fmt: skip
+                g = g.replace(
+                    Step(name=name, source="object", pin=(v["node"], v["rkey"], v["ckey"]))
+                )
         return g
 
     def pinned(self) -> dict[str, tuple[str, str, str]]:
@@ -118,13 +120,23 @@ class Workspace:
             if st.kind != "set" or sp.status[0] != FRESH:
                 continue
             n_items = sum(len(r) for r in sp.members.values())
-            value = {"node": st.node_name, "rkey": sp.rkeys[0].hex(), "ckey": sp.ckeys[0].hex(),
-                     "prefix": st.prefix.hex(), "items": n_items}  # fmt: skip
+            value = {
+                "node": st.node_name,
+                "rkey": sp.rkeys[0].hex(),
+                "ckey": sp.ckeys[0].hex(),
+                "prefix": st.prefix.hex(),
+                "items": n_items,
+            }
             cur = read_ref(self.store, f"fits/{name}")
             if cur is not None and cur["value"]["rkey"] == value["rkey"]:
                 continue
-            move_ref(self.store, f"fits/{name}", value, objects=[(value["node"], value["rkey"])],
-                     message=f"fit on {n_items} items")  # fmt: skip
+            move_ref(
+                self.store,
+                f"fits/{name}",
+                value,
+                objects=[(value["node"], value["rkey"])],
+                message=f"fit on {n_items} items",
+            )
             moved.append(name)
         return moved
 
@@ -155,9 +167,13 @@ class Workspace:
             gone = self.forgotten()
             if gone["ids"] or gone["keys"]:
                 drop = set(gone["ids"])
-                items, sources, meta = _without(items, sources, meta,
-                                                {i for i in items.ids if id_key(i) in drop},
-                                                {bytes.fromhex(k) for k in gone["keys"]})
+                items, sources, meta = _without(
+                    items,
+                    sources,
+                    meta,
+                    {i for i in items.ids if id_key(i) in drop},
+                    {bytes.fromhex(k) for k in gone["keys"]},
+                )
             for name, step in self.graph.items():
                 if step.source == "file":
                     self._add_file_source(items, sources, name, step.path)
@@ -184,14 +200,21 @@ class Workspace:
     def _catalogs(self, graph: Graph):
         from store.catalog import ObjectCatalog, load_catalog
 
-        cats = {s.node_name: load_catalog(self.store, s.node_name)
-                for s in graph.values() if s.kind == "item"}  # fmt: skip
-        objs = {s.node_name: ObjectCatalog(self.store, s.node_name)
-                for s in graph.values() if s.kind == "set"}  # fmt: skip
+        cats = {
+            s.node_name: load_catalog(self.store, s.node_name)
+            for s in graph.values()
+            if s.kind == "item"
+        }
+        objs = {
+            s.node_name: ObjectCatalog(self.store, s.node_name)
+            for s in graph.values()
+            if s.kind == "set"
+        }
         return cats, objs
 
-    def plan(self, targets: list[str] | str = "all", *, eval: bool = False,
-             reasons: bool = True) -> Plan:  # fmt: skip
+    def plan(
+        self, targets: list[str] | str = "all", *, eval: bool = False, reasons: bool = True
+    ) -> Plan:
         """The current state of every step the targets need (reads no arrays)."""
         g = self.subgraph(targets, eval=eval)
         items = self.items()[0]
@@ -241,8 +264,10 @@ class Workspace:
             if eval:
                 g = self.subgraph(names, eval=True)
                 report = self._run(g, executor, **kw)
-                layout = {t: [(self.targets[t]["eval_index"], self.targets[t]["eval_table"])]
-                          for t in names}  # fmt: skip
+                layout = {
+                    t: [(self.targets[t]["eval_index"], self.targets[t]["eval_table"])]
+                    for t in names
+                }
             else:
                 vectors = [v for t in names for v in self.targets[t]["index_inputs"]]
                 first = self._run(cull(self.graph, vectors), executor, **kw)
@@ -263,9 +288,16 @@ class Workspace:
         from flow.schedule import build as run_build
 
         items, sources, _ = self.items()
-        return run_build(g, items, sources, self.store, executor,
-                         batch_size=self.project.batch_size,
-                         storage_options=self.project.storage_options, **kw)  # fmt: skip
+        return run_build(
+            g,
+            items,
+            sources,
+            self.store,
+            executor,
+            batch_size=self.project.batch_size,
+            storage_options=self.project.storage_options,
+            **kw,
+        )
 
     def _segmented(self, names: list[str], after: Plan, *, compact: bool):
         """The graph with each target's index segments, and (index, table) per segment."""
@@ -294,7 +326,7 @@ class Workspace:
                 try:
                     table = read_object(self.store, seg["table"][0], bytes.fromhex(seg["table"][1]))
                     previous.append(list(table["ids"]))
-                except Exception:  # noqa: BLE001 - an unreadable segment is rebuilt
+                except Exception:
                     previous.append([])
             ok = [False] * len(previous)
             if previous:
@@ -306,16 +338,22 @@ class Workspace:
                     members = pp.steps[a].members
                     n = len(next(iter(members.values()))) if members else 0
                     ok[j] = pp.steps[a].status[0] == FRESH and n == len(previous[j])
-            segs = assign(previous, ok, database, Policy.from_target(t, self.project.targets[t]),
-                          compact=compact)  # fmt: skip
+            segs = assign(
+                previous,
+                ok,
+                database,
+                Policy.from_target(t, self.project.targets[t]),
+                compact=compact,
+            )
             if not segs:
                 segs = [[]]
             g, pairs = segment_steps(g, ix, tb, segs)
             layout[t] = pairs
         return g, layout
 
-    def _move_refs(self, g: Graph, report: Any, names: list[str], layout: dict, *,
-                   eval: bool) -> Built:  # fmt: skip
+    def _move_refs(
+        self, g: Graph, report: Any, names: list[str], layout: dict, *, eval: bool
+    ) -> Built:
         from store.refs import move_ref, read_ref
 
         out = Built(report)
@@ -344,20 +382,27 @@ class Workspace:
                 out.unchanged.append(t)
                 continue
             count = sum(seg["count"] for seg in value["segments"])
-            if cur is not None and count == 0 and any(
-                seg.get("count") for seg in cur["value"].get("segments", [])
+            if (
+                cur is not None
+                and count == 0
+                and any(seg.get("count") for seg in cur["value"].get("segments", []))
             ):
                 out.incomplete[t] = "the new index would be empty; the current one is kept"
                 continue
-            out.moved[t] = move_ref(self.store, name, value, objects=objects,
-                                    message=f"build of {t}: {count} items in "
-                                            f"{len(value['segments'])} segment(s)")  # fmt: skip
+            out.moved[t] = move_ref(
+                self.store,
+                name,
+                value,
+                objects=objects,
+                message=f"build of {t}: {count} items in {len(value['segments'])} segment(s)",
+            )
         return out
 
     # -- forget ----------------------------------------------------------------------
 
-    def forget(self, paths: list[str] = (), ids: list[str] = (), studies: list[str] = (),
-               reason: str = "") -> list[str]:  # fmt: skip
+    def forget(
+        self, paths: list[str] = (), ids: list[str] = (), studies: list[str] = (), reason: str = ""
+    ) -> list[str]:
         """Withdraw items (by source path -- a file or a folder --, item id, or DICOM
         StudyInstanceUID) from every index.  Returns the ids withdrawn; the next
         build makes refs without them and ``flow gc --delete`` purges their data."""
@@ -369,8 +414,11 @@ class Workspace:
         chosen: set[int] = set()
         for p in paths:
             real = os.path.realpath(p)
-            hit = [i for i, q in enumerate(meta["paths"])
-                   if q == real or q.startswith(real.rstrip("/") + "/")]  # fmt: skip
+            hit = [
+                i
+                for i, q in enumerate(meta["paths"])
+                if q == real or q.startswith(real.rstrip("/") + "/")
+            ]
             if not hit:
                 raise ConfigError(f"forget: {p} is not a source file or folder of this project")
             chosen.update(hit)
@@ -386,16 +434,19 @@ class Workspace:
                 try:
                     if dicom_identifiers(path).get("StudyInstanceUID") in want:
                         chosen.add(i)
-                except Exception:  # noqa: BLE001 - not DICOM: not that study
+                except Exception:
                     continue
         if not chosen:
             raise ConfigError("forget: nothing matched")
         gone = self.forgotten()
         new_ids = sorted({items.ids[i] for i in chosen})
-        keys = {items.sources["files"][i].hex() for i in chosen
-                if items.sources["files"][i] is not None}  # fmt: skip
-        value = {"id_keys": sorted(set(gone["ids"]) | {id_key(i) for i in new_ids}),
-                 "keys": sorted(set(gone["keys"]) | keys)}  # fmt: skip
+        keys = {
+            items.sources["files"][i].hex() for i in chosen if items.sources["files"][i] is not None
+        }
+        value = {
+            "id_keys": sorted(set(gone["ids"]) | {id_key(i) for i in new_ids}),
+            "keys": sorted(set(gone["keys"]) | keys),
+        }
         move_ref(self.store, "forgotten", value, message=reason or f"forget {len(new_ids)} item(s)")
         self._items = None
         return new_ids
@@ -429,8 +480,9 @@ def _without(items: Any, sources: Any, meta: dict, ids: set[str], keys: set[byte
         splits=[items.splits[i] for i in keep],
         sources={k: [v[i] for i in keep] for k, v in items.sources.items()},
         files=items.files,
-        source_errors={k: {pos[i]: r for i, r in v.items() if i in pos}
-                       for k, v in items.source_errors.items()},  # fmt: skip
+        source_errors={
+            k: {pos[i]: r for i, r in v.items() if i in pos} for k, v in items.source_errors.items()
+        },
     )
     src = Sources({k: [v[i] for i in keep] for k, v in sources.refs.items()}, sources.one)
     m = {k: ([v[i] for i in keep] if isinstance(v, list) else v) for k, v in meta.items()}
@@ -470,12 +522,19 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
                 continue
             sp = p.steps[s]
             c = sp.counts()
-            rows.append({
-                "target": t, "step": s, "node": st.node_name, "kind": st.kind,
-                "fresh": c["fresh"], "stale": c["missing"] + c["pending"],
-                "failed": c["failed"], "blocked": c["blocked"],
-                "reasons": sp.reason_counts(),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "target": t,
+                    "step": s,
+                    "node": st.node_name,
+                    "kind": st.kind,
+                    "fresh": c["fresh"],
+                    "stale": c["missing"] + c["pending"],
+                    "failed": c["failed"],
+                    "blocked": c["blocked"],
+                    "reasons": sp.reason_counts(),
+                }
+            )
     return rows
 
 

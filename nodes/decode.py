@@ -72,11 +72,25 @@ from flow import Blob, ItemError, node
 
 # The only keys ``decoded`` returns, besides the pixels: no patient name/ID/birth date,
 # accession number or UID in clear.  ``study`` is a salted hash of StudyInstanceUID.
-ATTRS = ("format", "modality", "photometric", "transfer_syntax", "frames", "bits_stored",
-         "rows", "columns", "view_position", "body_part", "study")  # fmt: skip
+ATTRS = (
+    "format",
+    "modality",
+    "photometric",
+    "transfer_syntax",
+    "frames",
+    "bits_stored",
+    "rows",
+    "columns",
+    "view_position",
+    "body_part",
+    "study",
+)
 # DICOM keywords copied (as short text) into the attributes above.
-_DICOM_TEXT = (("modality", "Modality"), ("view_position", "ViewPosition"),
-               ("body_part", "BodyPartExamined"))  # fmt: skip
+_DICOM_TEXT = (
+    ("modality", "Modality"),
+    ("view_position", "ViewPosition"),
+    ("body_part", "BodyPartExamined"),
+)
 _IDENTIFIERS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _FRAME_RULES = ("middle", "first", "mean")
@@ -489,8 +503,12 @@ def _decoded_pillow(data: bytes, fmt: str, max_pixels: int) -> dict:
         raise ItemError(f"unreadable {fmt.upper()}: {_brief(e)}") from None
     w, h = im.size
     bits = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 16}.get(im.mode, 8)
-    info = dict.fromkeys(ATTRS, "") | {"format": fmt, "photometric": im.mode, "bits_stored": bits,
-                                        "frames": int(getattr(im, "n_frames", 1))}  # fmt: skip
+    info = dict.fromkeys(ATTRS, "") | {
+        "format": fmt,
+        "photometric": im.mode,
+        "bits_stored": bits,
+        "frames": int(getattr(im, "n_frames", 1)),
+    }
     if w < 1 or h < 1:
         raise ItemError(f"{fmt.upper()} has no pixels ({h}x{w})")
     _check_size(h, w, 1, len(im.getbands()), max_pixels)

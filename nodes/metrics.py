@@ -33,8 +33,8 @@ __all__ = ["label_matrix", "random_rankings", "retrieval_metrics"]
 
 def label_matrix(labels: Sequence[Iterable[str]], vocabulary: Sequence[str] | None = None):
     """A boolean (n_items, n_labels) matrix and the label vocabulary used."""
-    vocab = sorted({lab for labs in labels for lab in labs}) if vocabulary is None else list(
-        vocabulary
+    vocab = (
+        sorted({lab for labs in labels for lab in labs}) if vocabulary is None else list(vocabulary)
     )
     index = {lab: i for i, lab in enumerate(vocab)}
     out = np.zeros((len(labels), len(vocab)), dtype=bool)

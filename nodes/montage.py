@@ -43,8 +43,13 @@ def montage(retriever: Any, query: str, hits: list, paths: dict[str, str], out: 
     for h in hits:
         p = paths.get(h.id)
         img = picture(retriever, p) if p and os.path.exists(p) else None
-        panels.append((f"#{h.rank}  d={h.distance:.3f}", img,
-                       f"{h.id}\n{'|'.join(h.labels) or '(no labels)'}"))
+        panels.append(
+            (
+                f"#{h.rank}  d={h.distance:.3f}",
+                img,
+                f"{h.id}\n{'|'.join(h.labels) or '(no labels)'}",
+            )
+        )
     cols = min(6, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
@@ -56,8 +61,16 @@ def montage(retriever: Any, query: str, hits: list, paths: dict[str, str], out: 
         else:
             ax.text(0.5, 0.5, "(image not\navailable)", ha="center", va="center", fontsize=8)
         ax.set_title(title, fontsize=9, color="tab:red" if title == "query" else "black")
-        ax.text(0.5, -0.04, caption, transform=ax.transAxes, ha="center", va="top", fontsize=7,
-                wrap=True)
+        ax.text(
+            0.5,
+            -0.04,
+            caption,
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=7,
+            wrap=True,
+        )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

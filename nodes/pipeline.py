@@ -109,8 +109,15 @@ class _Builder:
         out.update(self.p.targets[target].get(role, {}))
         return out
 
-    def add(self, target: str, role: str, node: Node, inputs: tuple[Input, ...], params: dict,
-            suffix: str = "") -> str:  # fmt: skip
+    def add(
+        self,
+        target: str,
+        role: str,
+        node: Node,
+        inputs: tuple[Input, ...],
+        params: dict,
+        suffix: str = "",
+    ) -> str:
         try:
             frozen = node.params(params)
         except TypeError as e:
@@ -131,8 +138,9 @@ class _Builder:
     def front(self, t: str, kind: str) -> str:
         n = self.nodes
         dec = self.add(t, "decode", n["decode"], (Input("files"),), self.params(t, "decode", kind))
-        return self.add(t, "normalize", n["normalize"], (Input(dec),),
-                        self.params(t, "normalize", kind))  # fmt: skip
+        return self.add(
+            t, "normalize", n["normalize"], (Input(dec),), self.params(t, "normalize", kind)
+        )
 
     def cnn(self, t: str) -> dict[str, str]:
         n, train = self.nodes, self.splits(self.p.train_splits)
@@ -142,16 +150,28 @@ class _Builder:
             src = f"weights.{t}"
             path = weights if str(weights).startswith("/") else str(self.p.root / weights)
             self.g.add(Step(name=src, source="file", path=path))
-            fit = self.add(t, "embedder", n["embedder_from_weights"], (Input(src, "one"),),
-                           self.params(t, "embedder", "cnn"))  # fmt: skip
+            fit = self.add(
+                t,
+                "embedder",
+                n["embedder_from_weights"],
+                (Input(src, "one"),),
+                self.params(t, "embedder", "cnn"),
+            )
         else:
             fit = self.add(
-                t, "embedder", n["embedder"],
+                t,
+                "embedder",
+                n["embedder"],
                 (Input(norm, "all", train), Input("labels", "all", train)),
                 self.params(t, "embedder", "cnn"),
-            )  # fmt: skip
-        emb = self.add(t, "embedding", n["embedding"], (Input(norm), Input(fit, "one")),
-                       self.params(t, "embedding", "cnn"))  # fmt: skip
+            )
+        emb = self.add(
+            t,
+            "embedding",
+            n["embedding"],
+            (Input(norm), Input(fit, "one")),
+            self.params(t, "embedding", "cnn"),
+        )
         return {"vectors": emb, "fit": fit}
 
     def target(self, t: str) -> None:
@@ -160,8 +180,11 @@ class _Builder:
         where = f"[targets.{t}]"
         if kind not in KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        allowed = _TARGET_KEYS | set(_ROLES[kind]) | ({"decode", "normalize", "embedder",
-                                                       "embedding"} if kind == "codes" else set())
+        allowed = (
+            _TARGET_KEYS
+            | set(_ROLES[kind])
+            | ({"decode", "normalize", "embedder", "embedding"} if kind == "codes" else set())
+        )
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ConfigError(
@@ -173,13 +196,27 @@ class _Builder:
         out: dict[str, str] = {"kind": kind}
         if kind == "bovw":
             norm = self.front(t, kind)
-            desc = self.add(t, "descriptors", n["descriptors"], (Input(norm),),
-                            self.params(t, "descriptors", kind))  # fmt: skip
-            voc = self.add(t, "vocabulary", n["vocabulary"], (Input(desc, "all", train),),
-                           self.params(t, "vocabulary", kind))  # fmt: skip
-            vec = self.add(t, "bovw_histogram", n["bovw_histogram"],
-                           (Input(desc), Input(voc, "one")),
-                           self.params(t, "bovw_histogram", kind))  # fmt: skip
+            desc = self.add(
+                t,
+                "descriptors",
+                n["descriptors"],
+                (Input(norm),),
+                self.params(t, "descriptors", kind),
+            )
+            voc = self.add(
+                t,
+                "vocabulary",
+                n["vocabulary"],
+                (Input(desc, "all", train),),
+                self.params(t, "vocabulary", kind),
+            )
+            vec = self.add(
+                t,
+                "bovw_histogram",
+                n["bovw_histogram"],
+                (Input(desc), Input(voc, "one")),
+                self.params(t, "bovw_histogram", kind),
+            )
             out.update(vectors=vec, fit=voc, fits=[voc])
             index_inputs: tuple[Input, ...] = (Input(vec, "all", db),)
             index_node, role = n["vector_index"], "vector_index"
@@ -197,26 +234,34 @@ class _Builder:
                 raise ConfigError(f"{where}: embedding = {base!r} is not a cnn target")
             emb = self.cnn(base if base is not None else t)
             coder = self.add(
-                t, "coder", n["coder"],
+                t,
+                "coder",
+                n["coder"],
                 (Input(emb["vectors"], "all", train), Input("labels", "all", train)),
                 self.params(t, "coder", kind),
-            )  # fmt: skip
-            cod = self.add(t, "codes", n["codes"], (Input(emb["vectors"]), Input(coder, "one")),
-                           self.params(t, "codes", kind))  # fmt: skip
+            )
+            cod = self.add(
+                t,
+                "codes",
+                n["codes"],
+                (Input(emb["vectors"]), Input(coder, "one")),
+                self.params(t, "codes", kind),
+            )
             out.update(vectors=cod, real=emb["vectors"], fit=coder, fits=[emb["fit"], coder])
             index_inputs = (Input(cod, "all", db), Input(emb["vectors"], "all", db))
             index_node, role = n["code_index"], "code_index"
         out["index"] = self.add(t, role, index_node, index_inputs, self.params(t, role, kind))
         out["index_inputs"] = [i.step for i in index_inputs]
-        out["table"] = self.add(t, "item_table", n["item_table"], (Input("labels", "all", db),),
-                                {})  # fmt: skip
+        out["table"] = self.add(t, "item_table", n["item_table"], (Input("labels", "all", db),), {})
         # the same index over the eval database split, for `flow eval`
         ev = self.splits(self.p.eval_database)
         ev_inputs = tuple(Input(i.step, "all", ev) for i in index_inputs)
-        out["eval_index"] = self.add(t, role, index_node, ev_inputs, self.params(t, role, kind),
-                                     suffix=".eval")  # fmt: skip
-        out["eval_table"] = self.add(t, "item_table", n["item_table"],
-                                     (Input("labels", "all", ev),), {}, suffix=".eval")  # fmt: skip
+        out["eval_index"] = self.add(
+            t, role, index_node, ev_inputs, self.params(t, role, kind), suffix=".eval"
+        )
+        out["eval_table"] = self.add(
+            t, "item_table", n["item_table"], (Input("labels", "all", ev),), {}, suffix=".eval"
+        )
         self.targets[t] = out
 
 
@@ -239,9 +284,11 @@ def target_steps(targets: dict, names: list[str] | str, *, eval: bool = False) -
     for t in names:
         if t not in targets:
             raise ConfigError(f"no target {t!r}; targets are: {', '.join(targets)}")
-        out += [targets[t]["eval_index"], targets[t]["eval_table"]] if eval else [
-            targets[t]["index"], targets[t]["table"]
-        ]
+        out += (
+            [targets[t]["eval_index"], targets[t]["eval_table"]]
+            if eval
+            else [targets[t]["index"], targets[t]["table"]]
+        )
     return out
 
 
@@ -296,19 +343,25 @@ def query_chain(graph: Graph, index_step: str, plan: Any) -> list[dict]:
             else:
                 raise ConfigError(f"step {s}: input {i.step} cannot be given at query time")
         assert st.node is not None
-        chain.append({
-            "step": s,
-            "node": _node_path(st.node),
-            "version": st.node.version,
-            "fingerprint": st.node.fingerprint,
-            "params": asdict(st.params),
-            "wires": wires,
-        })  # fmt: skip
+        chain.append(
+            {
+                "step": s,
+                "node": _node_path(st.node),
+                "version": st.node.version,
+                "fingerprint": st.node.fingerprint,
+                "params": asdict(st.params),
+                "wires": wires,
+            }
+        )
     return chain
 
 
-def ref_value(graph: Graph, kind: str, segments: list[tuple[str, str]], plan: Any,
-              ) -> tuple[dict, list]:  # fmt: skip
+def ref_value(
+    graph: Graph,
+    kind: str,
+    segments: list[tuple[str, str]],
+    plan: Any,
+) -> tuple[dict, list]:
     """The value a target's ref records (its segments, each an index and an item
     table, and the query chain), and the objects it names."""
     value: dict[str, Any] = {"kind": kind, "segments": []}
@@ -318,11 +371,13 @@ def ref_value(graph: Graph, kind: str, segments: list[tuple[str, str]], plan: An
         tb_rk = plan.steps[tb].rkeys[0].hex()
         members = plan.steps[ix].members
         count = len(next(iter(members.values()))) if members else 0
-        value["segments"].append({
-            "index": [graph[ix].node_name, ix_rk],
-            "table": [graph[tb].node_name, tb_rk],
-            "count": count,
-        })  # fmt: skip
+        value["segments"].append(
+            {
+                "index": [graph[ix].node_name, ix_rk],
+                "table": [graph[tb].node_name, tb_rk],
+                "count": count,
+            }
+        )
         objects += [(graph[ix].node_name, ix_rk), (graph[tb].node_name, tb_rk)]
     first = segments[0][0]
     value["query"] = query_chain(graph, first, plan)

@@ -201,8 +201,9 @@ class Retriever:
                     args.append(self._object(w[1], w[2]))
             try:
                 if n.batched:
-                    item_args = [[a] if w[0] != "object" else a
-                                 for a, w in zip(args, entry["wires"])]  # fmt: skip
+                    item_args = [
+                        [a] if w[0] != "object" else a for a, w in zip(args, entry["wires"])
+                    ]
                     out = n.fn(*item_args, **entry["params"])[0]
                 else:
                     out = n.fn(*args, **entry["params"])
@@ -218,9 +219,15 @@ class Retriever:
         lo, hi = self.offsets[seg], self.offsets[seg] + self.segments[seg].count
         return [{j - lo for j in ex if lo <= j < hi} for ex in exclude]
 
-    def search_vectors(self, vecs: list[np.ndarray], k: int, *, search_k: int = -1,
-                       exclude: Any = None, shortlist: int | None = None,
-                       ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def search_vectors(
+        self,
+        vecs: list[np.ndarray],
+        k: int,
+        *,
+        search_k: int = -1,
+        exclude: Any = None,
+        shortlist: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Search with the index's input vectors (one array per input step) in every
         segment; results are global rows, best first (``-1``/inf pad)."""
         from nodes.index import merge_results
@@ -230,17 +237,28 @@ class Retriever:
         if not live:
             return np.full((n, k), -1, np.int64), np.full((n, k), np.inf, np.float32)
         if len(vecs) == 1:  # real vectors: annoy per segment, merged by distance
-            parts = [(*self.segments[j].searcher.search(vecs[0], k, search_k,
-                                                        self._local_exclude(exclude, j)),
-                      self.offsets[j]) for j in live]  # fmt: skip
+            parts = [
+                (
+                    *self.segments[j].searcher.search(
+                        vecs[0], k, search_k, self._local_exclude(exclude, j)
+                    ),
+                    self.offsets[j],
+                )
+                for j in live
+            ]
             return merge_results(parts, k)
         # binary codes: one Hamming shortlist over all segments, then exact cosine
         codes, real = vecs
         s = max(k, shortlist if shortlist is not None else max(100, 10 * k))
-        parts = [(*self.segments[j].searcher.search(None, s, search_k,
-                                                    self._local_exclude(exclude, j),
-                                                    codes=codes, rerank=False),
-                  self.offsets[j]) for j in live]  # fmt: skip
+        parts = [
+            (
+                *self.segments[j].searcher.search(
+                    None, s, search_k, self._local_exclude(exclude, j), codes=codes, rerank=False
+                ),
+                self.offsets[j],
+            )
+            for j in live
+        ]
         cand, _ = merge_results(parts, s)
         q = real / np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12)
         out_i = np.full((n, k), -1, np.int64)
@@ -266,8 +284,9 @@ class Retriever:
             out.append(v / max(np.linalg.norm(v), 1e-12))
         return np.stack(out)
 
-    def query(self, image: str | os.PathLike | bytes, k: int = 10, *,
-              search_k: int | None = None) -> list[Hit]:  # fmt: skip
+    def query(
+        self, image: str | os.PathLike | bytes, k: int = 10, *, search_k: int | None = None
+    ) -> list[Hit]:
         values = self.vectors(image)
         vecs = [np.asarray(values[s])[None] for s in self.vector_steps]
         idx, dist = self.search_vectors(vecs, k, search_k=-1 if search_k is None else search_k)
@@ -297,15 +316,24 @@ def _stored_values(ws: Any, step: str, rows: list[int], plan: Any) -> list[Any]:
     return _Reader(ws.store).read_many(refs)
 
 
-def evaluate(ws: Any, target: str, k: int = 10, *, scheduler: str | None = None,
-             executor: Any = None, seed: int = 0, log: Any = None) -> dict:  # fmt: skip
+def evaluate(
+    ws: Any,
+    target: str,
+    k: int = 10,
+    *,
+    scheduler: str | None = None,
+    executor: Any = None,
+    seed: int = 0,
+    log: Any = None,
+) -> dict:
     """AvG@K, precision@K and mAP@K for K = 1..k of the eval queries against the
     eval database, beside a random ranking of the same database (same run)."""
     from flow.plan import Status
     from nodes.metrics import label_matrix, random_rankings, retrieval_metrics
 
-    built = ws.build([target], eval=True, scheduler=scheduler, executor=executor,
-                     progress=False, log=log)  # fmt: skip
+    built = ws.build(
+        [target], eval=True, scheduler=scheduler, executor=executor, progress=False, log=log
+    )
     if target in built.incomplete:
         raise FlowError(f"eval index of {target!r} could not be built: {built.incomplete[target]}")
     retr = ws.retriever(target, eval=True)
@@ -313,8 +341,10 @@ def evaluate(ws: Any, target: str, k: int = 10, *, scheduler: str | None = None,
     p = built.report.after
     qsplits = set(ws.project.eval_queries)
     steps = retr.vector_steps
-    rows = [i for i, s in enumerate(items.splits)
-            if s in qsplits and all(p.steps[st].status[i] == Status.FRESH for st in steps)]  # fmt: skip
+    fresh = np.ones(len(items), bool)
+    for st in steps:
+        fresh &= np.asarray(p.steps[st].status) == Status.FRESH
+    rows = [i for i in np.flatnonzero(fresh).tolist() if items.splits[i] in qsplits]
     if not rows:
         raise FlowError(
             f"no query items: no built item has split {sorted(qsplits)} (see [eval] queries)"
@@ -364,12 +394,18 @@ def plot_metrics(results: list[dict], path: str | os.PathLike) -> None:
         for j, r in enumerate(results):
             ks = sorted(int(x) for x in r["metrics"][m])
             color = f"C{j}"
-            ax.plot(ks, [r["metrics"][m][x] for x in ks], "-o", ms=3, color=color,
-                    label=r["target"])  # fmt: skip
+            ax.plot(
+                ks, [r["metrics"][m][x] for x in ks], "-o", ms=3, color=color, label=r["target"]
+            )
             if not shared or j == 0:
-                ax.plot(ks, [r["random"][m][x] for x in ks], "--",
-                        color="gray" if shared else color, alpha=0.7,
-                        label="random" if shared else f"{r['target']} random")  # fmt: skip
+                ax.plot(
+                    ks,
+                    [r["random"][m][x] for x in ks],
+                    "--",
+                    color="gray" if shared else color,
+                    alpha=0.7,
+                    label="random" if shared else f"{r['target']} random",
+                )
         ax.set_title(title)
         ax.set_xlabel("K")
         ax.grid(alpha=0.3)

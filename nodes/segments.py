@@ -45,7 +45,9 @@ class Policy:
     def from_target(cls, target: str, spec: dict) -> Policy:
         seg = spec.get("segments", {})
         if not isinstance(seg, dict):
-            raise ConfigError(f"[targets.{target}] segments must be a table (max, compact_fraction)")
+            raise ConfigError(
+                f"[targets.{target}] segments must be a table (max, compact_fraction)"
+            )
         unknown = set(seg) - {"max", "compact_fraction"}
         if unknown:
             raise ConfigError(f"[targets.{target}.segments]: unknown key(s) {sorted(unknown)}")
@@ -76,8 +78,9 @@ def assign(
     if not db:
         return []
     present = set(db)
-    kept = [sorted(seg) for seg, ok in zip(previous, still_fresh)
-            if ok and seg and set(seg) <= present]  # fmt: skip
+    kept = [
+        sorted(seg) for seg, ok in zip(previous, still_fresh) if ok and seg and set(seg) <= present
+    ]
     covered = {i for seg in kept for i in seg}
     new = [i for i in db if i not in covered]
     segments = kept + ([new] if new else [])
@@ -90,8 +93,12 @@ def assign(
     return segments
 
 
-def segment_steps(graph: Graph, index_step: str, table_step: str, segments: list[list[str]],
-                  ) -> tuple[Graph, list[tuple[str, str]]]:  # fmt: skip
+def segment_steps(
+    graph: Graph,
+    index_step: str,
+    table_step: str,
+    segments: list[list[str]],
+) -> tuple[Graph, list[tuple[str, str]]]:
     """``graph`` with one index and one table step per segment (named
     ``<index>.s<n>``); returns the new graph and the (index, table) names."""
     ix, tb = graph[index_step], graph[table_step]

@@ -37,12 +37,7 @@ def check_path(path: str) -> str:
     from escaping the store root.
     """
     parts = path.split("/")
-    if (
-        not path
-        or "\\" in path
-        or "\x00" in path
-        or any(p in ("", ".", "..") for p in parts)
-    ):
+    if not path or "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"invalid store path {path!r}: must be relative, without '..' or '//'")
     return path
 

@@ -19,6 +19,7 @@ doesn't retry a deterministic failure unless asked to.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -156,9 +157,14 @@ class Catalog:
     # -- merging ----------------------------------------------------------------
 
     def _add_manifests(self, docs: list[dict]) -> None:
-        rk, ck, pk, ps, frk, fpk = [self.rkeys], [self.ckeys], [self.pack], [self.pos], [
-            self.failed_rkeys
-        ], [self.failed_pack]
+        rk, ck, pk, ps, frk, fpk = (
+            [self.rkeys],
+            [self.ckeys],
+            [self.pack],
+            [self.pos],
+            [self.failed_rkeys],
+            [self.failed_pack],
+        )
         for doc in docs:
             p = len(self.packs)
             self.packs.append(
@@ -244,9 +250,7 @@ class Catalog:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             if int(z["version"]) != _CACHE_VERSION:
                 raise ValueError("old catalog cache")
-            packs = [
-                PackInfo(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6])) for r in z["packs"]
-            ]
+            packs = [PackInfo(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6])) for r in z["packs"]]
             return cls(
                 node=node,
                 packs=packs,
@@ -273,7 +277,7 @@ def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalo
         cat = Catalog.from_bytes(node, store.get(cache_path))
     except FileNotFoundError:
         cat = Catalog(node)
-    except Exception:  # noqa: BLE001 - a damaged cache is rebuilt from the manifests
+    except Exception:
         cat = Catalog(node)
     listing = store.list(f"packs/{node}")
     present = {n[:-5] for n in listing if n.endswith(".json")}
@@ -288,10 +292,8 @@ def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalo
         cat._add_manifests(sorted(docs, key=lambda d: (d["created"], d["id"])))
         changed = True
     if changed and write_cache:
-        try:
+        with contextlib.suppress(OSError):  # a cache we couldn't write: a slower next load
             store.put(cache_path, cat.to_bytes())
-        except OSError:
-            pass  # a cache we couldn't write is only a slower next load
     return cat
 
 
@@ -363,9 +365,11 @@ class ObjectCatalog:
         for doc in reversed(self.manifests()):
             if doc.get("step") == step:
                 return Previous(
-                    str(doc["version"]), doc["fingerprint"], _params_json(doc["params"]),
+                    str(doc["version"]),
+                    doc["fingerprint"],
+                    _params_json(doc["params"]),
                     doc.get("inputs", ""),
-                )  # fmt: skip
+                )
         return None
 
 

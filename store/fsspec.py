@@ -11,6 +11,7 @@ conditional write (``If-None-Match: *``) where the filesystem offers it
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -26,7 +27,9 @@ class FsspecStore(Store):
         self.storage_options = storage_options
         self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.root = root.rstrip("/")
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.protocol = (
+            self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        )
         self.supports_conditional = self.protocol in ("s3", "s3a")
 
     def _p(self, path: str) -> str:
@@ -102,16 +105,12 @@ class FsspecStore(Store):
         if not full:
             return
         for f in full:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(f)
-            except FileNotFoundError:
-                pass
 
     def delete_tree(self, prefix: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._p(prefix), recursive=True)
-        except FileNotFoundError:
-            pass
 
     def zarr(self, prefix: str, *, read_only: bool = False) -> Any:
         from zarr.storage import FsspecStore as ZarrFsspecStore

@@ -85,25 +85,43 @@ class Lineage:
         m = self._manifest(node, pack)
         inputs = m["inputs"][pos]
         return Record(
-            kind="item", node=node, step=m["step"], rkey=cat.rkeys[row].tobytes().hex(),
-            ckey=cat.ckey(row).hex(), item=m["ids"][pos], version=str(m["version"]),
-            fingerprint=m["fingerprint"], params=m["params"],
+            kind="item",
+            node=node,
+            step=m["step"],
+            rkey=cat.rkeys[row].tobytes().hex(),
+            ckey=cat.ckey(row).hex(),
+            item=m["ids"][pos],
+            version=str(m["version"]),
+            fingerprint=m["fingerprint"],
+            params=m["params"],
             inputs=[inputs[i : i + 2 * KEY_SIZE] for i in range(0, len(inputs), 2 * KEY_SIZE)],
-            host=m.get("host", ""), created=m["created"], seconds=m["seconds"][pos],
-            location=f"packs/{node}/{pack}#{pos}", libs=m.get("libs", {}),
-        )  # fmt: skip
+            host=m.get("host", ""),
+            created=m["created"],
+            seconds=m["seconds"][pos],
+            location=f"packs/{node}/{pack}#{pos}",
+            libs=m.get("libs", {}),
+        )
 
     def _object_record(self, doc: dict) -> Record:
         inputs = doc.get("inputs", "")
         return Record(
-            kind="object", node=doc["node"], step=doc["step"], rkey=doc["rkey"],
-            ckey=doc.get("ckey"), item="", version=str(doc["version"]),
-            fingerprint=doc["fingerprint"], params=doc["params"],
+            kind="object",
+            node=doc["node"],
+            step=doc["step"],
+            rkey=doc["rkey"],
+            ckey=doc.get("ckey"),
+            item="",
+            version=str(doc["version"]),
+            fingerprint=doc["fingerprint"],
+            params=doc["params"],
             inputs=[inputs[i : i + 2 * KEY_SIZE] for i in range(0, len(inputs), 2 * KEY_SIZE)],
-            host=doc.get("host", ""), created=doc["created"], seconds=doc.get("seconds"),
-            location=f"objects/{doc['node']}/{doc['rkey']}", libs=doc.get("libs", {}),
+            host=doc.get("host", ""),
+            created=doc["created"],
+            seconds=doc.get("seconds"),
+            location=f"objects/{doc['node']}/{doc['rkey']}",
+            libs=doc.get("libs", {}),
             failure=doc.get("failure"),
-        )  # fmt: skip
+        )
 
     def find(self, hexprefix: str, *, by: str = "any") -> list[Record]:
         """Records whose recipe or content key starts with ``hexprefix``."""
@@ -141,8 +159,22 @@ class Lineage:
         for k in rec.inputs:
             child = self.producer(k)
             if child is None:
-                child = Record("source", "", "", k, k, "", "", "", {}, [], "", 0.0, None,
-                               "a source file, or a set of items (digest)")  # fmt: skip
+                child = Record(
+                    "source",
+                    "",
+                    "",
+                    k,
+                    k,
+                    "",
+                    "",
+                    "",
+                    {},
+                    [],
+                    "",
+                    0.0,
+                    None,
+                    "a source file, or a set of items (digest)",
+                )
             else:
                 self.upstream(child, depth - 1)
             rec.children.append(child)
@@ -180,8 +212,10 @@ def describe(rec: Record) -> str:
     if rec.kind == "source":
         return f"input {rec.rkey[:12]}: {rec.location}"
     status = " FAILED" if rec.failure else ""
-    return (f"{what}: {rec.node} v{rec.version} ({params}) rkey {rec.rkey[:12]} -> "
-            f"ckey {(rec.ckey or '-')[:12]}{status}; {when} on {rec.host}{secs}")  # fmt: skip
+    return (
+        f"{what}: {rec.node} v{rec.version} ({params}) rkey {rec.rkey[:12]} -> "
+        f"ckey {(rec.ckey or '-')[:12]}{status}; {when} on {rec.host}{secs}"
+    )
 
 
 def tree(recs: list[Record], indent: str = "") -> list[str]:

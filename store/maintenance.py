@@ -26,6 +26,7 @@ reports what it would free, in files and bytes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def verify_pack(store: Store, node: str, pack_id: str) -> str | None:
         values = reader.read(list(range(n)))
     except CorruptObject as e:
         return str(e.__cause__ or e)
-    except Exception as e:  # noqa: BLE001 - any unreadable array is corruption
+    except Exception as e:
         return f"unreadable: {type(e).__name__}: {e}"
     for pos, v in enumerate(values):
         if bytes(key(v)) != reader.ckey(pos):
@@ -108,7 +109,7 @@ def verify_object(store: Store, node: str, rkey_hex: str) -> str | None:
         value = read_object(store, node, bytes.fromhex(rkey_hex), doc)
     except (CorruptObject, StoreError) as e:
         return str(e)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"unreadable: {type(e).__name__}: {e}"
     if key(value).hex() != doc["ckey"]:
         return "reads back with a different content key"
@@ -128,18 +129,17 @@ def verify(store: Store, *, repair: bool = True, progress: Any = None) -> list[P
             if name.endswith(".json"):
                 todo.append(("object", node, name[:-5]))
     for kind, node, ident in todo:
-        why = verify_pack(store, node, ident) if kind == "pack" else verify_object(
-            store, node, ident)  # fmt: skip
+        why = (
+            verify_pack(store, node, ident) if kind == "pack" else verify_object(store, node, ident)
+        )
         if progress is not None:
             progress(kind, node, ident, why)
         if why is None:
             continue
         n = 0
         if kind == "pack":
-            try:
+            with contextlib.suppress(FileNotFoundError, CorruptObject):
                 n = loads(store.get(f"packs/{node}/{ident}.json"), ident).get("n", 0)
-            except (FileNotFoundError, CorruptObject):
-                pass
         problems.append(Problem(kind, node, ident, why, n))
         if repair:
             quarantine(store, kind, node, ident, why)
@@ -214,6 +214,7 @@ def collect(
             if hit:
                 out.add(i)
         return out
+
     now = time.time()
     out = Collection()
     files = {e.path: e for e in store.walk("")}
@@ -246,9 +247,9 @@ def collect(
                 except (FileNotFoundError, CorruptObject):
                     payload = None
                 for p in under(f"{base}/"):
-                    if payload is None or p.split("/")[3] != payload:
-                        if not young(p):
-                            out.add("unreferenced object payloads", p, files[p].size)
+                    stale = payload is None or p.split("/")[3] != payload
+                    if stale and not young(p):
+                        out.add("unreferenced object payloads", p, files[p].size)
                 continue
             for p in [f"{base}.json", *under(f"{base}/")]:
                 if p in files:
@@ -272,8 +273,11 @@ def collect(
                     doc = {"rkeys": "", "failures": [], "ids": []}
                 hit = purged([*doc.get("ids", []), *(f["id"] for f in doc["failures"])])
                 if hit:
-                    out.add("packs rewritten without forgotten items", f"{base}.json",
-                            files[f"{base}.json"].size if f"{base}.json" in files else 0)
+                    out.add(
+                        "packs rewritten without forgotten items",
+                        f"{base}.json",
+                        files[f"{base}.json"].size if f"{base}.json" in files else 0,
+                    )
                     if delete:
                         rewrite_pack(store, node, pid, hit)
                     continue
@@ -327,24 +331,47 @@ def rewrite_pack(store: Store, node: str, pack_id: str, drop: set[str]) -> dict 
         values = reader.read(keep) if keep else []
         h = 2 * KEY_SIZE
         results = [
-            ItemResult(m["ids"][p], reader.rkey(p),
-                       tuple(bytes.fromhex(m["inputs"][p][j : j + h])
-                             for j in range(0, len(m["inputs"][p]), h)),
-                       v, reader.ckey(p), None, m["seconds"][p])
+            ItemResult(
+                m["ids"][p],
+                reader.rkey(p),
+                tuple(
+                    bytes.fromhex(m["inputs"][p][j : j + h])
+                    for j in range(0, len(m["inputs"][p]), h)
+                ),
+                v,
+                reader.ckey(p),
+                None,
+                m["seconds"][p],
+            )
             for p, v in zip(keep, values)
-        ]  # fmt: skip
+        ]
         for f in fails:
             err = {k: f[k] for k in ("type", "reason", "traceback", "bad_input") if k in f}
-            results.append(ItemResult(f["id"], bytes.fromhex(f["rkey"]),
-                                      tuple(bytes.fromhex(f["inputs"][j : j + h])
-                                            for j in range(0, len(f["inputs"]), h)),
-                                      error=err))  # fmt: skip
-        recipe = Recipe(m["node"], m["step"], m["version"], m["fingerprint"], m["params"],
-                        m["prefix"])  # fmt: skip
-        new = write_pack(store, recipe, results, extra={
-            "created": m["created"], "host": m.get("host", ""), "libs": m.get("libs", {}),
-            "rewritten_from": pack_id, "rewritten": time.time(),
-        })  # fmt: skip
+            results.append(
+                ItemResult(
+                    f["id"],
+                    bytes.fromhex(f["rkey"]),
+                    tuple(
+                        bytes.fromhex(f["inputs"][j : j + h]) for j in range(0, len(f["inputs"]), h)
+                    ),
+                    error=err,
+                )
+            )
+        recipe = Recipe(
+            m["node"], m["step"], m["version"], m["fingerprint"], m["params"], m["prefix"]
+        )
+        new = write_pack(
+            store,
+            recipe,
+            results,
+            extra={
+                "created": m["created"],
+                "host": m.get("host", ""),
+                "libs": m.get("libs", {}),
+                "rewritten_from": pack_id,
+                "rewritten": time.time(),
+            },
+        )
     store.delete([f"packs/{node}/{pack_id}.json"])
     store.delete_tree(f"packs/{node}/{pack_id}")
     return new
@@ -358,7 +385,5 @@ def _prune_empty_dirs(store: Store) -> None:
 
     for dirpath, dirs, files in os.walk(root, topdown=False):
         if dirpath != root and not dirs and not files:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
-            except OSError:
-                pass

@@ -29,6 +29,7 @@ stored (:func:`canonical_output`), so what is read back keys the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -164,13 +165,20 @@ def environment() -> dict:
 
     libs = {}
     for name in (
-        "numpy", "zarr", "dask", "distributed", "pydicom", "Pillow", "scikit-image",
-        "scikit-learn", "torch", "onnxruntime", "annoy",
-    ):  # fmt: skip
-        try:
+        "numpy",
+        "zarr",
+        "dask",
+        "distributed",
+        "pydicom",
+        "Pillow",
+        "scikit-image",
+        "scikit-learn",
+        "torch",
+        "onnxruntime",
+        "annoy",
+    ):
+        with contextlib.suppress(md.PackageNotFoundError):
             libs[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
     libs["python"] = platform.python_version()
     return {"libs": libs, "host": socket.gethostname()}
 
@@ -262,8 +270,9 @@ def _layout_fields(node: str, values: Sequence[dict[str, np.ndarray]]) -> tuple[
     return arrays, meta
 
 
-def write_pack(store: Store, recipe: Recipe, results: Sequence[ItemResult],
-               extra: dict | None = None) -> dict:  # fmt: skip
+def write_pack(
+    store: Store, recipe: Recipe, results: Sequence[ItemResult], extra: dict | None = None
+) -> dict:
     """Write one pack of item results and publish its manifest; returns the manifest.
 
     ``extra`` overrides manifest fields (a rewritten pack keeps its provenance).
@@ -350,9 +359,7 @@ def write_object(
         manifest.update(
             payload=payload,
             ckey=Key(result.ckey).hex(),  # type: ignore[arg-type]
-            arrays={
-                n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()
-            },
+            arrays={n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()},
             blobs=blob_meta,
             attrs={k: _untuple(v) for k, v in attrs.items()},
         )

@@ -86,8 +86,9 @@ def run_threads(n: int, target: Callable[[int], Any]) -> list[Any]:
 
 
 def _recipe(node: str = "nd", **params: Any) -> Recipe:
-    return Recipe(node=node, step=node, version=1, fingerprint="f" * 32, params=params,
-                  prefix="00" * 16)  # fmt: skip
+    return Recipe(
+        node=node, step=node, version=1, fingerprint="f" * 32, params=params, prefix="00" * 16
+    )
 
 
 def _rkey(item_id: str) -> bytes:
@@ -293,8 +294,14 @@ class StoreTests:
         import zarr
 
         data = np.arange(30, dtype="<f4").reshape(10, 3)
-        arr = zarr.create_array(store.zarr("arrays/x"), name="v", shape=data.shape,
-                                chunks=(4, 3), dtype=data.dtype, zarr_format=3)  # fmt: skip
+        arr = zarr.create_array(
+            store.zarr("arrays/x"),
+            name="v",
+            shape=data.shape,
+            chunks=(4, 3),
+            dtype=data.dtype,
+            zarr_format=3,
+        )
         arr[...] = data
         ro = zarr.open_array(store.zarr("arrays/x", read_only=True), path="v", mode="r")
         np.testing.assert_array_equal(ro[...], data)
@@ -356,10 +363,16 @@ class StoreTests:
 
     def test_pack_round_trip(self, store: Store) -> None:
         values = [
-            {"vec": np.arange(i + 1, dtype="<f4"), "img": np.full((2, 3), i, np.uint8),
-             "label": f"l{i}", "shape": (i, ("x", 1.5)), "none": None, "ok": i % 2 == 0}
+            {
+                "vec": np.arange(i + 1, dtype="<f4"),
+                "img": np.full((2, 3), i, np.uint8),
+                "label": f"l{i}",
+                "shape": (i, ("x", 1.5)),
+                "none": None,
+                "ok": i % 2 == 0,
+            }
             for i in range(4)
-        ]  # fmt: skip
+        ]
         results = [_ok(f"item{i}", v) for i, v in enumerate(values)]
         manifest = write_pack(store, _recipe(scale=(1, 2)), results)
         assert manifest["fields"]["vec"]["layout"] == "ragged"
@@ -415,12 +428,17 @@ class StoreTests:
 
     def test_object_round_trip(self, store: Store) -> None:
         cases = {
-            "dict": {"emb": np.arange(12, dtype="<f4").reshape(3, 4),
-                     "index": Blob(b"\x00idx" * 99), "n": 3, "names": ("a", "b"), "ratio": 0.5},
+            "dict": {
+                "emb": np.arange(12, dtype="<f4").reshape(3, 4),
+                "index": Blob(b"\x00idx" * 99),
+                "n": 3,
+                "names": ("a", "b"),
+                "ratio": 0.5,
+            },
             "array": np.eye(3, dtype=">f8"),
             "blob": Blob(b"just bytes"),
             "empty-blob": Blob(b""),
-        }  # fmt: skip
+        }
         for name, raw in cases.items():
             value = canonical_output(raw, node="obj")
             rk = bytes(key(("obj", name)))
@@ -521,8 +539,9 @@ def _name(path: str) -> str:
     return path.rsplit("/", 1)[1]
 
 
-def store_model_test(make_store: Callable[[], Store], *, max_examples: int = 20,
-                     steps: int = 15) -> type:  # fmt: skip
+def store_model_test(
+    make_store: Callable[[], Store], *, max_examples: int = 20, steps: int = 15
+) -> type:
     """A ``unittest.TestCase`` running random operations on fresh stores
     from ``make_store()`` against a dict model (assign it to a ``Test*`` name)."""
     from hypothesis import settings

@@ -8,6 +8,7 @@ previous one left, in file order (pytest runs them in order).
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_query_every_target(project):
         res = doc["results"]
         assert len(res) == 5
         assert [r["rank"] for r in res] == [1, 2, 3, 4, 5]
-        assert all(a["distance"] <= b["distance"] + 1e-6 for a, b in zip(res, res[1:]))
+        assert all(a["distance"] <= b["distance"] + 1e-6 for a, b in itertools.pairwise(res))
         assert all(r["labels"] for r in res)
         # the probe is in the database: it finds itself first, at distance ~0
         assert res[0]["id"] == str(probe.relative_to(project)), (target, res[0])

@@ -174,8 +174,17 @@ def test_fingerprint_needs_source():
 
 
 @node(version=1)
-def resized(image, mask, *, size: int = 64, scale: float = 1.0, window: tuple = (0.0, 1.0),
-            label: str = "x", flag: bool = False, anything=None):  # fmt: skip
+def resized(
+    image,
+    mask,
+    *,
+    size: int = 64,
+    scale: float = 1.0,
+    window: tuple = (0.0, 1.0),
+    label: str = "x",
+    flag: bool = False,
+    anything=None,
+):
     """Resize an image (a stand-in)."""
     return image
 
@@ -188,8 +197,13 @@ def fitted(features: Items, *, k: int):
 def test_inputs_are_positional_and_params_keyword_only():
     assert resized.inputs == ("image", "mask")
     assert [f.name for f in dataclasses.fields(resized.Params)] == [
-        "size", "scale", "window", "label", "flag", "anything",
-    ]  # fmt: skip
+        "size",
+        "scale",
+        "window",
+        "label",
+        "flag",
+        "anything",
+    ]
     assert resized.kind == "item" and fitted.kind == "set" and fitted.inputs == ("features",)
     assert resized.name == "resized" and resized.doc == "Resize an image (a stand-in)."
     assert resized(1, 2, size=3) == 1  # a node calls like its function

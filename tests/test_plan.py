@@ -55,8 +55,12 @@ def pipeline(params: dict | None = None, *, vocab_splits=("train",)) -> Graph:
     g.source("files")
     g.step("decoded", decoded, "files", params=params.get("decoded"))
     g.step("feature", feature, "decoded", params=params.get("feature"))
-    g.step("vocabulary", vocabulary, Input("feature", "all", vocab_splits),
-           params=params.get("vocabulary"))  # fmt: skip
+    g.step(
+        "vocabulary",
+        vocabulary,
+        Input("feature", "all", vocab_splits),
+        params=params.get("vocabulary"),
+    )
     g.step("encoded", encoded, "feature", "vocabulary")
     g.step("indexed", indexed, "encoded")
     return g
@@ -252,8 +256,12 @@ def test_single_file_input():
 
 def _prev_for(g: Graph, name: str, inputs_hex: str, **change) -> Previous:
     s = g[name]
-    fields = {"version": str(s.node.version), "fingerprint": s.node.fingerprint,
-              "params": params_json(s.params), "inputs": inputs_hex}  # fmt: skip
+    fields = {
+        "version": str(s.node.version),
+        "fingerprint": s.node.fingerprint,
+        "params": params_json(s.params),
+        "inputs": inputs_hex,
+    }
     fields.update(change)
     return Previous(**fields)
 
@@ -281,9 +289,13 @@ def test_item_reasons(change, reason):
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [({"version": "0"}, "code changed"), ({"params": '{"k":5}'}, "params changed"),
-     ({"inputs": "ab" * 16}, "input changed"), (None, "missing")],
-)  # fmt: skip
+    [
+        ({"version": "0"}, "code changed"),
+        ({"params": '{"k":5}'}, "params changed"),
+        ({"inputs": "ab" * 16}, "input changed"),
+        (None, "missing"),
+    ],
+)
 def test_set_reasons(change, reason):
     g, items = pipeline(), table()
     cats, objs = stores(g)

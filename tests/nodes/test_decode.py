@@ -153,8 +153,11 @@ def test_decode_matches_expectations(file_id, expect):
 
 def test_every_file_is_in_the_expectations():
     """The table lists exactly the files present (per available collection)."""
-    found = {f"{name}/{p.relative_to(root).as_posix()}": p
-             for name, root in ROOTS.items() for p in _files(root)}  # fmt: skip
+    found = {
+        f"{name}/{p.relative_to(root).as_posix()}": p
+        for name, root in ROOTS.items()
+        for p in _files(root)
+    }
     if os.environ.get("FLOW_UPDATE_DECODE_EXPECTATIONS"):
         rows = [
             {"file": fid, "slow": int(_declared_values(p) >= SLOW_VALUES), "expect": _outcome(p)}
@@ -629,8 +632,14 @@ def test_corrupted_files_fail_only_as_item_errors():
     buf = io.BytesIO()
     Image.fromarray(RGB8).save(buf, "JPEG")
     seeds = [_png(Image.fromarray(RGB8)), buf.getvalue()]
-    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "OBXXXX1A_rle.dcm",
-                 "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG-LL.dcm"):  # fmt: skip
+    for name in (
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "OBXXXX1A_rle.dcm",
+        "MR_small_jp2klossless.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "JPEG-LL.dcm",
+    ):
         seeds.append(_testdata(name))
     rng = np.random.default_rng(2024)
     outcomes = {"ok": 0, "item": 0}
@@ -674,7 +683,10 @@ def test_deterministic_in_process_and_across_processes(tmp_path):
         paths.append(str(tmp_path / str(i)))
     res = subprocess.run(
         [sys.executable, "-c", script, json.dumps(paths)],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "OMP_NUM_THREADS": "3"},
-    )  # fmt: skip
+    )
     assert json.loads(res.stdout.strip().splitlines()[-1]) == here

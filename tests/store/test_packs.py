@@ -44,13 +44,18 @@ def recipe(node="nd", *, step=None, version=1, fingerprint="f" * 32, **params) -
 
 def ok(item_id: str, value, tag: str = "") -> ItemResult:
     value = canonical_output(value)
-    return ItemResult(item_id, bytes(key(("r", item_id, tag))), (bytes(key(item_id)),), value,
-                      bytes(key(value)))  # fmt: skip
+    return ItemResult(
+        item_id, bytes(key(("r", item_id, tag))), (bytes(key(item_id)),), value, bytes(key(value))
+    )
 
 
 def failed(item_id: str, tag: str = "") -> ItemResult:
-    return ItemResult(item_id, bytes(key(("r", item_id, tag))), (bytes(key(item_id)),),
-                      error={"type": "ItemError", "reason": "broken", "traceback": ""})  # fmt: skip
+    return ItemResult(
+        item_id,
+        bytes(key(("r", item_id, tag))),
+        (bytes(key(item_id)),),
+        error={"type": "ItemError", "reason": "broken", "traceback": ""},
+    )
 
 
 # --------------------------------------------------------------------------
