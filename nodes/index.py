@@ -120,23 +120,41 @@ def _check_trees(trees: int) -> None:
 
 
 @node(version=1, kind="set")
-def vector_index(vectors: Items, *, trees: int = 50, seed: int = 0) -> dict:
-    """An annoy angular index over the vectors, item i = the i-th of ``vectors``.
+def vector_index(
+    vectors: Items,
+    *,
+    backend: str = "annoy",
+    trees: int = 50,
+    m: int = 16,
+    ef_construction: int = 200,
+    seed: int = 0,
+) -> dict:
+    """A cosine index over the vectors, item i = the i-th of ``vectors``.
 
-    Returns ``{"annoy": Blob, "dim", "count", "ids", "metric": "angular", "trees"}``.
+    ``backend="annoy"`` (a forest of ``trees`` random-projection trees) or
+    ``"hnsw"`` (hnswlib's graph, ``m`` links per node, ``ef_construction``),
+    which answers faster at higher recall (BENCHMARKS.md).  Returns
+    ``{<backend>: Blob, "backend", "dim", "count", "ids", "metric": "angular"}``.
     """
-    _check_trees(trees)
     x = _matrix(vectors, "vector")
     n, dim = x.shape
-    rows = (row.tolist() for row in x)
-    data = _annoy_bytes(rows, dim, "angular", trees, seed) if n else b""
+    if backend == "annoy":
+        _check_trees(trees)
+        rows = (row.tolist() for row in x)
+        data = _annoy_bytes(rows, dim, "angular", trees, seed) if n else b""
+    elif backend == "hnsw":
+        from nodes._hnsw import hnsw_bytes
+
+        data = hnsw_bytes(x, m=m, ef_construction=ef_construction, seed=seed) if n else b""
+    else:
+        raise ValueError(f"vector_index backend must be 'annoy' or 'hnsw', not {backend!r}")
     return {
-        "annoy": Blob(data),
+        backend: Blob(data),
+        "backend": backend,
         "dim": int(dim),
         "count": int(n),
         "ids": tuple(vectors.ids),
         "metric": "angular",
-        "trees": trees,
     }
 
 

@@ -84,6 +84,11 @@ class _Segment:
                 int(attrs["bits"]),
                 codes_path=_blob_path(store, ix_node, ix_rk, manifest, "codes"),
             )
+        elif count and attrs.get("backend") == "hnsw":
+            from nodes._hnsw import HnswSearcher
+
+            path = _blob_path(store, ix_node, ix_rk, manifest, "hnsw")
+            searcher = HnswSearcher(path, int(attrs["dim"]), count)
         elif count:
             from nodes.index import VectorSearcher
 

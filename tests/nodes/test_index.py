@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import subprocess
@@ -325,3 +326,63 @@ def test_search_path_imports_no_heavy_libraries(built):
         check=True,
     )
     assert json.loads(res.stdout) == []
+
+
+# --------------------------------------------------------------------------
+# the hnsw backend (same interface as annoy)
+
+needs_hnsw = pytest.mark.skipif(
+    importlib.util.find_spec("hnswlib") is None, reason="hnswlib is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def hnsw_built(data, tmp_path_factory):
+    out = vector_index.fn(_items(data), backend="hnsw", m=16, ef_construction=100, seed=0)
+    return out, _write(tmp_path_factory.mktemp("hnsw"), "index.bin", out["hnsw"])
+
+
+@needs_hnsw
+def test_hnsw_index_is_deterministic_and_labelled(data, hnsw_built):
+    out, _ = hnsw_built
+    again = vector_index.fn(_items(data), backend="hnsw", m=16, ef_construction=100, seed=0)
+    assert out["hnsw"].data == again["hnsw"].data
+    assert out["backend"] == "hnsw" and out["count"] == len(data) and "annoy" not in out
+
+
+@needs_hnsw
+def test_hnsw_search_matches_exact_and_excludes(data, hnsw_built):
+    from nodes._hnsw import HnswSearcher
+
+    out, path = hnsw_built
+    s = HnswSearcher(path, out["dim"], out["count"])
+    q = data[:50]
+    idx, dist = s.search(q, 10, search_k=200)
+    truth, tdist = ExactSearcher(data).search(q, 10)
+    assert _recall(idx, truth) >= 0.95
+    assert np.allclose(dist[:, 0], tdist[:, 0], atol=1e-5)  # same 1 - cos distances
+    idx2, _ = s.search(q, 10, exclude=[{i} for i in range(50)])
+    assert all(i not in row for i, row in enumerate(idx2.tolist()))
+
+
+@needs_hnsw
+def test_backends_merge_across_segments(data, tmp_path):
+    """An annoy segment and an hnsw segment answer in one distance space."""
+    from nodes._hnsw import HnswSearcher
+
+    a, b = data[:300], data[300:]
+    ia = vector_index.fn(_items(a), backend="annoy", trees=50)
+    ib = vector_index.fn(_items(b), backend="hnsw")
+    sa = VectorSearcher(_write(tmp_path, "a.ann", ia["annoy"]), ia["dim"])
+    sb = HnswSearcher(_write(tmp_path, "b.bin", ib["hnsw"]), ib["dim"], ib["count"])
+    q = data[::37]
+    merged, _ = merge_results(
+        [(*sa.search(q, 10, search_k=20000), 0), (*sb.search(q, 10, search_k=400), 300)], 10
+    )
+    truth, _ = ExactSearcher(data).search(q, 10)
+    assert _recall(merged, truth) >= 0.95
+
+
+def test_unknown_backend_is_refused(data):
+    with pytest.raises(ValueError, match="backend"):
+        vector_index.fn(_items(data[:10]), backend="faiss")
