@@ -330,7 +330,7 @@ class Workspace:
                     previous.append([])
             ok = [False] * len(previous)
             if previous:
-                gp, pairs = segment_steps(cull(g, [ix, tb]), ix, tb, previous)
+                gp, pairs = segment_steps(cull(g, [ix, tb]), t, ix, tb, previous)
                 gp = cull(gp, [s for pair in pairs for s in pair])
                 cats, objs = self._catalogs(gp)
                 pp = run_plan(gp, items, cats, objs, reasons=False)
@@ -347,7 +347,7 @@ class Workspace:
             )
             if not segs:
                 segs = [[]]
-            g, pairs = segment_steps(g, ix, tb, segs)
+            g, pairs = segment_steps(g, t, ix, tb, segs)
             layout[t] = pairs
         return g, layout
 

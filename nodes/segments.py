@@ -100,7 +100,8 @@ def segment_steps(
     segments: list[list[str]],
 ) -> tuple[Graph, list[tuple[str, str]]]:
     """``graph`` with one index and one table step per segment (named
-    ``<index>.s<n>``); returns the new graph and the (index, table) names."""
+    ``<target>.index.<n>`` and ``<target>.table.<n>``); returns the new graph
+    and the (index, table) names."""
     ix, tb = graph[index_step], graph[table_step]
     g = Graph(graph.values())
     names = []
@@ -108,7 +109,7 @@ def segment_steps(
         ids = frozenset(members)
         ix_inputs = tuple(Input(i.step, "all", i.splits, ids) for i in ix.inputs)
         tb_inputs = tuple(Input(i.step, "all", i.splits, ids) for i in tb.inputs)
-        a, b = f"{index_step}.s{n}", f"{table_step}.s{n}.{index_step}"
+        a, b = f"{target}.index.{n}", f"{target}.table.{n}"
         g.add(Step(name=a, node=ix.node, params=ix.params, inputs=ix_inputs))
         g.add(Step(name=b, node=tb.node, params=tb.params, inputs=tb_inputs))
         names.append((a, b))
