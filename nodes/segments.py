@@ -95,6 +95,7 @@ def assign(
 
 def segment_steps(
     graph: Graph,
+    target: str,
     index_step: str,
     table_step: str,
     segments: list[list[str]],
