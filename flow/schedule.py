@@ -70,8 +70,9 @@ class Executor:
     def submit(self, fn: Callable, *args: Any) -> Any:
         raise NotImplementedError
 
-    def wait_any(self, futures: set) -> tuple[set, set]:
-        done, pending = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+    def wait_any(self, futures: set, timeout: float | None = None) -> tuple[set, set]:
+        """The futures done (maybe none, after ``timeout`` seconds) and the rest."""
+        done, pending = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
         return set(done), set(pending)
 
     def result(self, future: Any) -> Any:
@@ -168,10 +169,13 @@ class DaskExecutor(Executor):
     def submit(self, fn: Callable, *args: Any) -> Any:
         return self.client.submit(fn, *args, pure=False, retries=self.retries)
 
-    def wait_any(self, futures: set) -> tuple[set, set]:
+    def wait_any(self, futures: set, timeout: float | None = None) -> tuple[set, set]:
         from distributed import wait
 
-        res = wait(list(futures), return_when="FIRST_COMPLETED")
+        try:
+            res = wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return set(), set(futures)
         return set(res.done), set(res.not_done)
 
     def cancel(self, futures: Iterable) -> None:
@@ -353,6 +357,7 @@ class Builder:
         self.report: BuildReport | None = None
         self._failures: list[Failure] = []
         self._stop = False
+        self._interrupted = False
 
     def plan(self, reasons: bool = False) -> Plan:
         return plan(
@@ -468,7 +473,7 @@ class Builder:
                     in_flight[fut] = batch
                 if not in_flight:
                     break
-                done, _ = self.executor.wait_any(set(in_flight))
+                done, _ = self._wait(set(in_flight))
                 for fut in done:
                     batch = in_flight.pop(fut)
                     self._collect_chain(fut, batch, chain)
@@ -561,7 +566,7 @@ class Builder:
             pending = set(futs)
             try:
                 while pending:
-                    done, pending = self.executor.wait_any(pending)
+                    done, pending = self._wait(pending)
                     for fut in done:
                         name = futs[fut]
                         r = self.report.steps.setdefault(name, StepReport())
@@ -600,9 +605,44 @@ class Builder:
                 raise
             p = self.plan()
 
+    # -- interrupts -------------------------------------------------------------------
+
+    def _wait(self, futures: set) -> tuple[set, set]:
+        """Wait for any future, in short polls so that Ctrl-C is noticed between them."""
+        while True:
+            done, pending = self.executor.wait_any(futures, timeout=0.2)
+            if self._interrupted:
+                raise KeyboardInterrupt
+            if done:
+                return done, pending
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # A KeyboardInterrupt raised inside concurrent.futures.wait can leave a
+        # future's lock held and hang the worker threads for good; so the first
+        # Ctrl-C only sets a flag that _wait acts on.  A second one raises at once.
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+
     # -- the whole build ----------------------------------------------------------
 
     def run(self) -> BuildReport:
+        import signal
+        import threading
+
+        handler = None
+        if (
+            not isinstance(self.executor, SyncExecutor)
+            and threading.current_thread() is threading.main_thread()
+        ):
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._run()
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _run(self) -> BuildReport:
         t0 = time.perf_counter()
         before = self.plan(reasons=True)
         self.report = BuildReport(

@@ -1,0 +1,1 @@
+"""Process-level tests of flow's core (real Dask processes, kills, concurrency)."""
