@@ -22,19 +22,15 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flow import testing as ft  # noqa: E402
-from flow.schedule import build, get_executor  # noqa: E402
-from store import open_store  # noqa: E402
+from flow import testing as ft
+from flow.schedule import build, get_executor
+from store import open_store
 
 
 def _median(fn, runs: int) -> tuple[float, list[float]]:

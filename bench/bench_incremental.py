@@ -1,0 +1,155 @@
+"""Incremental re-indexing cost.  Run: ``python bench/bench_incremental.py [--items 10000]``.
+
+A catalog of synthetic 64x64 PNG images goes through the real pipeline
+(decode -> normalize -> embedding with a small CNN -> index): the CNN is a
+fixed, randomly initialized network exported to ONNX and given to the target
+as its weights file (``weights = ...``), so the benchmark measures the
+framework and the nodes, not training.  Then 1% new images are added and the
+same ``Workspace.build`` runs again.  Both builds use one long-lived local
+Dask cluster (as ``flow watch`` would), include scanning, planning, the new
+index segment and the ref move, and are timed in the same run; the ratio is
+incremental / full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TOML = """
+[store]
+url = "store"
+[[sources]]
+path = "images"
+[targets.cnn]
+kind = "cnn"
+weights = "cnn.onnx"
+[targets.cnn.normalize]
+size = 64
+[targets.cnn.embedder]
+dim = 32
+size = 64
+"""
+
+
+def _images(folder: Path, start: int, n: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(start, start + n):
+        rng = np.random.default_rng(i)
+        img = 60 + 40 * np.sin(xx / (4 + rng.random() * 8)) + rng.normal(0, 12, (64, 64))
+        for _ in range(rng.integers(1, 4)):
+            cy, cx, r = [*rng.integers(8, 56, 2).tolist(), int(rng.integers(3, 10))]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.integers(40, 120)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"im{i:06d}.png")
+
+
+def _onnx(path: Path, dim: int = 32) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 5, stride=2, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, dim),
+    ).eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 1, 64, 64),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}},
+        )
+
+
+def run(root: Path, items: int, workers: int) -> dict:
+    from flow.schedule import get_executor
+    from nodes.api import Workspace
+
+    _images(root / "images", 0, items)
+    _onnx(root / "cnn.onnx")
+    (root / "flow.toml").write_text(TOML)
+    ex = get_executor("local", workers)
+    try:
+        t0 = time.perf_counter()
+        built = Workspace.open(root).build("all", executor=ex, progress=False)
+        full = time.perf_counter() - t0
+        assert built.report.ok and "cnn" in built.moved, built.incomplete
+        time.sleep(2.1)
+        add = max(1, items // 100)
+        _images(root / "images", items, add)
+        t0 = time.perf_counter()
+        built = Workspace.open(root).build("all", executor=ex, progress=False)
+        inc = time.perf_counter() - t0
+        assert built.report.ok
+        steps = {k: v.computed for k, v in built.report.steps.items() if v.computed}
+        segs = [s["count"] for s in built.moved["cnn"]["value"]["segments"]]
+        time.sleep(2.1)
+        t0 = time.perf_counter()
+        built = Workspace.open(root).build("all", executor=ex, progress=False)
+        noop = time.perf_counter() - t0
+    finally:
+        ex.close()
+    return {
+        "items": items,
+        "added": add,
+        "full_s": round(full, 2),
+        "incremental_s": round(inc, 3),
+        "ratio": round(inc / full, 4),
+        "noop_s": round(noop, 3),
+        "computed": steps,
+        "segments": segs,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=1)
+    args = ap.parse_args()
+    results = []
+    for _ in range(args.runs):
+        tmp = Path(tempfile.mkdtemp(prefix="flow-inc-"))
+        try:
+            r = run(tmp, args.items, args.workers)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        results.append(r)
+        print(
+            f"{r['items']} items, full build {r['full_s']} s; +{r['added']} items: "
+            f"{r['incremental_s']} s = {100 * r['ratio']:.2f}% of full; no-op {r['noop_s']} s; "
+            f"computed {r['computed']}; segments {r['segments']}",
+            flush=True,
+        )
+    if len(results) > 1:
+        print(f"median ratio {statistics.median(r['ratio'] for r in results):.4f}")
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

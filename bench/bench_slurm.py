@@ -1,0 +1,217 @@
+"""Slurm benchmarks (issue 5).  Run: ``python bench/bench_slurm.py [--runs 3] [--json F]``.
+
+Starts a private single-node Slurm (munged + slurmctld + slurmd, see
+``tests/cluster/conftest.py``; needs root and ``slurm-wlm``) unless
+``--external`` says to use the Slurm that ``sbatch`` already talks to, and
+measures, on the synthetic pipeline of :mod:`flow.testing`:
+
+* **throughput**: items/s of a CPU-bound build (``smoothed`` with ``work``)
+  on 1, 2 and 4 Dask workers started as single-core Slurm jobs through
+  dask-jobqueue (``flow.cluster``), against a local Dask cluster of as many
+  workers; a fresh store per run, cluster start excluded, median of
+  ``--runs``.  The private Slurm runs the jobs in its ``shared`` partition
+  (up to 4 jobs per CPU), so 4 workers fit on a 2-core machine -- and the
+  core count shows in the numbers.
+* **start**: seconds from submitting the worker jobs to all workers connected.
+* **overhead**: per task, for near-empty tasks: a no-op function through the
+  executor (flow's waves: ``2 x workers + 1`` in flight), and a build of
+  tiny items in batches of one item (each task runs the 3-node chain and
+  writes its pack), on 2 Slurm workers against 2 local workers.
+
+Prints a table; ``--json`` writes the numbers too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flow.cluster import cluster_config, cluster_executor  # noqa: E402
+from flow.schedule import build, get_executor  # noqa: E402
+from flow.testing import synthetic_graph, synthetic_inputs, write_synthetic_files  # noqa: E402
+from store import open_store  # noqa: E402
+
+
+def _local_slurm():
+    """tests/cluster/conftest.py's LocalSlurm (loaded by path: tests is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        "flow_slurm_conftest", ROOT / "tests" / "cluster" / "conftest.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _noop() -> None:
+    return None
+
+
+def _executor(kind: str, workers: int, tmp: Path, partition: str | None):
+    """(executor, seconds until every worker connected)."""
+    t0 = time.perf_counter()
+    if kind == "local":
+        ex = get_executor("local", workers)
+    else:
+        table = {"cores": 1, "memory": "1GB", "walltime": "00:30:00", "jobs": workers}
+        # jobs run as niced as this process, so that they compete with the
+        # rest of the machine like local workers do
+        table["prologue"] = [f"renice -n {os.nice(0)} -p $$ >/dev/null"]
+        table["dashboard_address"] = ":0"
+        if partition:
+            table["partition"] = partition
+        cfg = cluster_config(table, root=tmp)
+        ex = cluster_executor(cfg, "slurm")
+    ex.client.wait_for_workers(workers, timeout=300)
+    return ex, time.perf_counter() - t0
+
+
+def _build_time(ex, data: Path, store: Path, params: dict, **kw) -> tuple[float, int]:
+    shutil.rmtree(store, ignore_errors=True)
+    st = open_store(store)
+    items, sources = synthetic_inputs(data, None)
+    t0 = time.perf_counter()
+    rep = build(synthetic_graph(params), items, sources, st, ex, progress=False, **kw)
+    dt = time.perf_counter() - t0
+    assert rep.ok, rep.failures
+    return dt, sum(s.tasks for s in rep.steps.values())
+
+
+def _noop_per_task(ex, n: int) -> float:
+    """Seconds per no-op task with flow's wave width in flight."""
+    width = 2 * ex.n_workers + 1
+    t0 = time.perf_counter()
+    pending: set = set()
+    sent = 0
+    while sent < n or pending:
+        while sent < n and len(pending) < width:
+            pending.add(ex.submit(_noop))
+            sent += 1
+        done, pending = ex.wait_any(pending)
+        for f in done:
+            ex.result(f)
+    return (time.perf_counter() - t0) / n
+
+
+def run(args, tmp: Path, partition: str | None) -> dict:
+    data = tmp / "cpu"
+    write_synthetic_files(data, args.items)
+    tiny = tmp / "tiny"
+    write_synthetic_files(tiny, args.tiny, size=64)
+    params = {"smoothed": {"work": args.work}}
+    out: dict = {
+        "items": args.items,
+        "work": args.work,
+        "runs": args.runs,
+        "throughput": {},
+        "start_s": {},
+        "overhead": {},
+    }
+    for kind in ("slurm", "local"):
+        for workers in (1, 2, 4):
+            ex, started = _executor(kind, workers, tmp, partition)
+            try:
+                times = [_build_time(ex, data, tmp / "store", params)[0] for _ in range(args.runs)]
+                if workers == 2:
+                    noop = [_noop_per_task(ex, args.noop) for _ in range(args.runs)]
+                    per = []
+                    for _ in range(args.runs):
+                        dt, tasks = _build_time(ex, tiny, tmp / "store", {}, batch_size=1)
+                        per.append(dt / tasks)
+                    out["overhead"][kind] = {
+                        "noop_ms": round(1000 * statistics.median(noop), 2),
+                        "batch_of_one_ms": round(1000 * statistics.median(per), 2),
+                    }
+            finally:
+                ex.close()
+            med = statistics.median(times)
+            out["throughput"].setdefault(kind, {})[workers] = {
+                "median_s": round(med, 3),
+                "items_per_s": round(args.items / med, 1),
+                "runs_s": [round(t, 3) for t in times],
+            }
+            out["start_s"].setdefault(kind, {})[workers] = round(started, 2)
+            print(
+                f"{kind:>5} x{workers}: {args.items / med:8.1f} items/s (median {med:.3f} s of "
+                f"{[round(t, 2) for t in times]}); workers up in {started:.1f} s",
+                flush=True,
+            )
+    return out
+
+
+def table(out: dict) -> str:
+    rows = [
+        "| workers | slurm items/s | local items/s | slurm speedup vs 1 | slurm start (s) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    base = out["throughput"]["slurm"][1]["items_per_s"]
+    for w in (1, 2, 4):
+        s, lo = out["throughput"]["slurm"][w], out["throughput"]["local"][w]
+        rows.append(
+            f"| {w} | {s['items_per_s']} | {lo['items_per_s']} | "
+            f"{s['items_per_s'] / base:.2f} | {out['start_s']['slurm'][w]} |"
+        )
+    o = out["overhead"]
+    rows += [
+        "",
+        "| per task, 2 workers | slurm (ms) | local (ms) |",
+        "|---|---:|---:|",
+        f"| no-op function | {o['slurm']['noop_ms']} | {o['local']['noop_ms']} |",
+        f"| batch of 1 tiny item (3-node chain + pack write) | "
+        f"{o['slurm']['batch_of_one_ms']} | {o['local']['batch_of_one_ms']} |",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--items", type=int, default=400, help="CPU-bound build size")
+    ap.add_argument("--work", type=int, default=2000, help="smoothed's work per item")
+    ap.add_argument("--tiny", type=int, default=200, help="items of the batch-of-one build")
+    ap.add_argument("--noop", type=int, default=500, help="no-op tasks per run")
+    ap.add_argument(
+        "--external",
+        action="store_true",
+        help="use the running Slurm (SLURM_CONF / default) instead of a private one",
+    )
+    ap.add_argument("--partition", help="with --external: the partition of the worker jobs")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="flow-bench-slurm-"))
+    slurm = None
+    try:
+        if not args.external:
+            mod = _local_slurm()
+            why = mod.unavailable()
+            if why:
+                sys.exit(f"cannot start a private Slurm: {why}")
+            slurm = mod.LocalSlurm(tmp / "slurm").start()
+            os.environ["SLURM_CONF"] = str(slurm.conf)
+            print(f"private Slurm: 1 node, {slurm.cpus} CPUs, {slurm.memory_mb} MiB", flush=True)
+        partition = args.partition if args.external else "shared"
+        print(f"load average before: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs", flush=True)
+        out = run(args, tmp, partition)
+        out["cpus"] = os.cpu_count()
+        print()
+        print(table(out))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+    finally:
+        if slurm is not None:
+            slurm.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
