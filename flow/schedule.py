@@ -349,7 +349,7 @@ class Builder:
         self.progress = _Progress(progress)
         self.batch_override = batch_size
         self.log = log or (lambda msg: None)
-        self.ctx = Context(store.url, tuple(sorted((storage_options or {}).items())))
+        self.ctx = Context.of(store.url, storage_options)
         nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
         nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
         self.catalogs = {n: load_catalog(store, n) for n in sorted(nodes_item)}

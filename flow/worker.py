@@ -21,6 +21,7 @@ write, the worker ran out of memory) fail the task, and Dask retries it.
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections import OrderedDict
@@ -43,20 +44,29 @@ Ref = tuple
 
 @dataclass(frozen=True)
 class Context:
-    """What every task needs besides its own work: where the store is."""
+    """What every task needs besides its own work: where the store is.
+
+    ``storage_options`` is the fsspec options as JSON (they may nest, e.g.
+    ``client_kwargs``), so a context is hashable and one store object is
+    reused per process.
+    """
 
     store_url: str
-    storage_options: tuple = ()
+    storage_options: str = "{}"
+
+    @classmethod
+    def of(cls, url: str, options: dict | None = None) -> Context:
+        return cls(url, json.dumps(options or {}, sort_keys=True))
 
     def store(self):
         return _open_store(self.store_url, self.storage_options)
 
 
 @lru_cache(maxsize=8)
-def _open_store(url: str, options: tuple):
+def _open_store(url: str, options: str):
     from store import open_store
 
-    return open_store(url, **dict(options))
+    return open_store(url, **json.loads(options))
 
 
 @dataclass

@@ -411,7 +411,7 @@ class PackReader:
 
             base = f"packs/{self.node}/{self.pack_id}"
             zs = self.store.zarr(base, read_only=True)
-            arr = zarr.open_array(zs, path=name, mode="r")
+            arr = zarr.open_array(zs, path=name, mode="r", zarr_format=3)
             _check_chunks(self.store, f"{base}/{name}", arr)
             self._arrays[name] = arr
         return arr
@@ -501,7 +501,7 @@ def read_object(store: Store, node: str, rkey: bytes, manifest: dict | None = No
         zs = store.zarr(base, read_only=True)
         for name, meta in doc["arrays"].items():
             try:
-                z = zarr.open_array(zs, path=name, mode="r")
+                z = zarr.open_array(zs, path=name, mode="r", zarr_format=3)
                 _check_chunks(store, f"{base}/{name}", z)
                 arr = z[...]
             except (ValueError, OSError, KeyError) as e:
