@@ -189,7 +189,8 @@ def _encode_float(value: float, out: list) -> None:
 
 @register(str)
 def _encode_str(value: str, out: list) -> None:
-    raw = value.encode("utf-8")
+    # surrogateescape: a file name that isn't UTF-8 (legal on Linux) still keys
+    raw = value.encode("utf-8", "surrogateescape")
     out.append(b"s" + _length(len(raw)) + raw)
 
 
@@ -347,6 +348,6 @@ def items_key(ids: Iterable[str], ckeys: Iterable[bytes]) -> Key:
     if len(ids) != len(ckeys):
         raise ValueError("items_key needs one content key per id")
     pack = struct.Struct("<I").pack
-    raws = [i.encode("utf-8") for i in ids]
+    raws = [i.encode("utf-8", "surrogateescape") for i in ids]
     buf = b"".join([b"".join((pack(len(r)), r, c)) for r, c in zip(raws, ckeys)])
     return Key(blake3(_ITEMS_DOMAIN + buf).digest(KEY_SIZE))

@@ -238,6 +238,7 @@ class BuildReport:
     executor: str = ""
     dashboard: str | None = None
     interrupted: bool = False
+    error: str | None = None  # the build itself stopped (not an item)
 
     @property
     def ok(self) -> bool:
@@ -246,6 +247,8 @@ class BuildReport:
     def to_json(self) -> dict:
         return {
             "ok": self.ok,
+            "interrupted": self.interrupted,
+            "error": self.error,
             "seconds": round(self.seconds, 3),
             "executor": self.executor,
             "steps": {k: asdict(v) for k, v in self.steps.items()},
@@ -358,6 +361,7 @@ class Builder:
         self._failures: list[Failure] = []
         self._stop = False
         self._interrupted = False
+        self._gave_up: set[str] = set()
 
     def plan(self, reasons: bool = False) -> Plan:
         return plan(
@@ -491,6 +495,7 @@ class Builder:
             self._failures.append(
                 Failure(chain[0], f"<{len(batch)} items>", type(e).__name__, f"task failed: {e}")
             )
+            self._after_task_error(e)
             if self.fail_fast:
                 self._stop = True
             return
@@ -549,7 +554,10 @@ class Builder:
         assert self.report is not None
         p = self.plan()
         while True:
-            ready = [n for n in set_steps if p.steps[n].status[0] == MISSING]
+            # a set step whose task raised in this build is not tried again here
+            ready = [
+                n for n in set_steps if p.steps[n].status[0] == MISSING and n not in self._gave_up
+            ]
             if not ready or self._stop:
                 return p
             futs = {}
@@ -579,6 +587,8 @@ class Builder:
                                 Failure(name, "<set>", type(e).__name__, f"task failed: {e}")
                             )
                             r.failed += 1
+                            self._gave_up.add(name)
+                            self._after_task_error(e)
                             self._stop = self._stop or self.fail_fast
                             continue
                         st = self.graph[name]
@@ -604,6 +614,16 @@ class Builder:
                 self.executor.cancel(pending)
                 raise
             p = self.plan()
+
+    def _after_task_error(self, e: BaseException) -> None:
+        """A task that met a corrupt input quarantined it: re-read the catalogs so
+        this build's plans no longer count on it (the next build recomputes it)."""
+        from store.catalog import load_catalog
+
+        if type(e).__name__ == "CorruptInput":
+            self.catalogs = {n: load_catalog(self.store, n) for n in self.catalogs}
+            for objs in self.objects.values():
+                objs._cache.clear()
 
     # -- interrupts -------------------------------------------------------------------
 
@@ -660,6 +680,16 @@ class Builder:
                     p = self._run_set_steps(set_steps)
         except KeyboardInterrupt:
             self.report.interrupted = True
+        except Exception as e:
+            # the executor itself failed (a lost scheduler, a dead cluster): end the
+            # build with what is known; everything published stays published
+            self.report.error = (
+                f"the build stopped: {type(e).__name__}: {e} (lost the Dask scheduler or "
+                "its workers?); everything finished is stored: rerun to finish"
+            )
+            self._failures.append(
+                Failure("<build>", "<executor>", type(e).__name__, self.report.error)
+            )
         finally:
             self.progress.close()
         after = self.plan()

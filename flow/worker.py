@@ -149,7 +149,11 @@ class _Reader:
 
 
 class SourceChanged(ItemError):
-    """A source file's bytes no longer match the key the build planned with."""
+    """A source file's bytes no longer match the key the build planned with (or it
+    vanished).  Transient: reported, but not remembered as the item's failure --
+    the next build plans with whatever the file holds then."""
+
+    transient = True
 
 
 class CorruptInput(FlowError):
@@ -161,7 +165,7 @@ def _read_source(path: str, expected: bytes | None) -> bytes:
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise ItemError(f"source file {path} disappeared during the build") from None
+        raise SourceChanged(f"source file {path} disappeared during the build") from None
     except OSError as e:
         raise ItemError(f"cannot read source file {path}: {e.strerror or e}") from None
     if expected is not None and bytes_key(data) != expected:
@@ -212,6 +216,7 @@ def _error(exc: BaseException) -> dict:
             "reason": exc.reason,
             "traceback": "",
             "bad_input": True,
+            "transient": bool(getattr(exc, "transient", False)),
         }
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
     return {

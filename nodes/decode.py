@@ -104,6 +104,9 @@ _SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
 # C++ gdcm::Exception, "terminate called") on some corrupt JPEG streams, which no
 # Python code can catch.  Every transfer syntax it covers has another plugin here.
 _EXCLUDED_PLUGINS = ("gdcm",)
+# Tried first where available: pyjpegls (CharLS) can spend 15-25 s of C time on a
+# corrupt JPEG-LS stream that pylibjpeg rejects (or decodes) in milliseconds.
+_PREFERRED_PLUGINS = ("pylibjpeg",)
 
 
 @node(version=1)
@@ -322,6 +325,7 @@ def _dicom_array(
     else:
         _check_codestreams(ds, ts, info, samples, index)
     plugins = [p for p in decoder.available_plugins if p not in _EXCLUDED_PLUGINS]
+    plugins.sort(key=lambda p: p not in _PREFERRED_PLUGINS)  # stable: otherwise pydicom's
     if ts.is_encapsulated and not plugins:
         raise ItemError(f"no usable decoder installed for {ts.name}")
     failures = []

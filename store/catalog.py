@@ -186,7 +186,9 @@ class Catalog:
                 ps.append(np.arange(n, dtype=np.int32))
                 self.ids.extend(doc["ids"])
                 self.inputs.extend(doc["inputs"])
-            fails = doc.get("failures") or []
+            # transient failures (a source changing under the build) are reported
+            # once, never remembered: the next build tries again
+            fails = [f for f in doc.get("failures") or [] if not f.get("transient")]
             if fails:
                 frk.append(_hexcat_to_rows("".join(f["rkey"] for f in fails)))
                 fpk.append(np.full(len(fails), p, np.int32))

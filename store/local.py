@@ -42,10 +42,15 @@ class LocalStore(Store):
 
     def _write_tmp(self, data: bytes) -> Path:
         tmp = self._tmpfile()
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a full disk must not leave half a file behind
+            raise
         return tmp
 
     def put(self, path: str, data: bytes) -> None:

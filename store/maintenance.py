@@ -220,8 +220,9 @@ def collect(
     files = {e.path: e for e in store.walk("")}
 
     def young(path: str) -> bool:
+        # a path the walk didn't see appeared after it began: it is new
         e = files.get(path)
-        return e is not None and now - e.mtime < grace
+        return e is None or now - e.mtime < grace
 
     def under(prefix: str) -> list[str]:
         return [p for p in files if p.startswith(prefix)]
@@ -312,7 +313,7 @@ def collect(
             if reason == "packs rewritten without forgotten items":
                 continue  # done above
             store.delete([p for p, _ in paths])
-        _prune_empty_dirs(store)
+        _prune_empty_dirs(store, max(grace, 60.0))
         out.deleted = True
     return out
 
@@ -377,13 +378,22 @@ def rewrite_pack(store: Store, node: str, pack_id: str, drop: set[str]) -> dict 
     return new
 
 
-def _prune_empty_dirs(store: Store) -> None:
+def _prune_empty_dirs(store: Store, age: float) -> None:
+    """Remove empty folders older than ``age`` seconds (a writer may have just made
+    one); the store's skeleton (``tmp``, ``packs/<node>``, ``objects/<node>``...)
+    stays."""
     root = store.local_path("")
     if root is None:
         return  # object stores have no folders
     import os
 
+    now = time.time()
     for dirpath, dirs, files in os.walk(root, topdown=False):
-        if dirpath != root and not dirs and not files:
-            with contextlib.suppress(OSError):
+        rel = os.path.relpath(dirpath, root)
+        if dirpath == root or rel.count(os.sep) < 2 or rel.split(os.sep)[0] == "tmp":
+            continue
+        if dirs or files:
+            continue
+        with contextlib.suppress(OSError):
+            if now - os.stat(dirpath).st_mtime >= age:
                 os.rmdir(dirpath)

@@ -206,7 +206,7 @@ def _codecs():
     return BytesCodec(), [ZstdCodec(level=1), Crc32cCodec()]
 
 
-def _write_array(zstore: Any, name: str, data: np.ndarray) -> None:
+def _write_array(zstore: Any, name: str, data: np.ndarray) -> Any:
     import zarr
 
     serializer, compressors = _codecs()
@@ -236,6 +236,7 @@ def _write_array(zstore: Any, name: str, data: np.ndarray) -> None:
     )
     if data.size:
         arr[...] = data
+    return arr
 
 
 def _layout_fields(node: str, values: Sequence[dict[str, np.ndarray]]) -> tuple[dict, dict]:
@@ -288,10 +289,11 @@ def write_pack(
     if ok and any(s[2] for s in splits):
         raise TypeError(f"node {recipe.node!r}: item nodes cannot return Blobs")
     started = time.time()
+    written = {}
     if arrays:
         zstore = store.zarr(base)
         for name, data in arrays.items():
-            _write_array(zstore, name, data)
+            written[name] = _write_array(zstore, name, data)
     manifest = {
         "format": FORMAT,
         "kind": "pack",
@@ -320,7 +322,7 @@ def write_pack(
         ],
     }
     manifest.update(extra or {})
-    store.put(f"{base}.json", _dumps(manifest))
+    _publish(store, base, manifest, written)
     return manifest
 
 
@@ -350,8 +352,9 @@ def write_object(
     else:
         arrays, attrs, blobs = _split(result.value)
         zstore = store.zarr(f"{base}/{payload}") if arrays else None
-        for name, data in arrays.items():
-            _write_array(zstore, name, data)
+        written = {
+            f"{payload}/{name}": _write_array(zstore, name, data) for name, data in arrays.items()
+        }
         blob_meta = {}
         for name, blob in blobs.items():
             store.put(f"{base}/{payload}/{name}.blob", blob.data)
@@ -363,22 +366,81 @@ def write_object(
             blobs=blob_meta,
             attrs={k: _untuple(v) for k, v in attrs.items()},
         )
-    store.put(f"{base}.json", _dumps(manifest))
+    _publish(store, base, manifest, written if result.error is None else {})
     return manifest
 
 
+_DIGEST = b',"digest":"'
+
+
+def _publish(store: Store, base: str, manifest: dict, arrays: dict) -> None:
+    """Write the manifest, then make sure every chunk it vouches for is still there.
+
+    Something that deletes unpublished files (``flow gc`` with no grace) could
+    remove a writer's arrays just before its manifest lands; the manifest is
+    then taken back and the write fails (the task is retried), so nothing
+    incomplete stays readable.
+    """
+    store.put(f"{base}.json", _dumps(manifest))
+    try:
+        for name, arr in arrays.items():
+            _check_chunks(store, f"{base}/{name}", arr)
+    except CorruptObject as e:
+        store.delete([f"{base}.json"])
+        raise StoreError(f"{base}: arrays vanished while publishing ({e}); retracted") from e
+
+
 def _dumps(doc: dict) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+    """The manifest's JSON, ending in a digest of every byte before it."""
+    body = json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+    digest = bytes_key(body).hex().encode()
+    return body[:-1] + _DIGEST + digest + b'"}'
 
 
 def loads(data: bytes, where: str) -> dict:
+    """A manifest, checked: its digest (a flipped bit anywhere is caught), and for a
+    pack, that its key lists and per-item lists agree with its item count."""
+    cut = data.rfind(_DIGEST)
+    if cut > 0 and data.endswith(b'"}'):
+        body = data[:cut] + b"}"
+        if bytes_key(body).hex().encode() != data[cut + len(_DIGEST) : -2]:
+            raise CorruptObject(f"{where}: manifest fails its checksum")
+        data = body
     try:
         doc = json.loads(data)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CorruptObject(f"{where}: manifest is not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CorruptObject(f"{where}: not a flow manifest (format {doc.get('format')!r})")
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise CorruptObject(f"{where}: not a flow manifest (format {fmt!r})")
+    if doc.get("kind") == "pack":
+        _check_pack(doc, where)
     return doc
+
+
+def _check_pack(doc: dict, where: str) -> None:
+    try:
+        n = doc["n"]
+        ok = (
+            isinstance(n, int)
+            and n >= 0
+            and isinstance(doc["created"], int | float)
+            and isinstance(doc["id"], str)
+            and len(doc["ids"]) == n
+            and len(doc["inputs"]) == n
+            and len(doc["seconds"]) == n
+            and len(doc["rkeys"]) == len(doc["ckeys"]) == 2 * KEY_SIZE * n
+            and isinstance(doc["fields"], dict)
+            and all(len(col) == n for col in doc["attrs"].values())
+        )
+        bytes.fromhex(doc["rkeys"])
+        bytes.fromhex(doc["ckeys"])
+        for f in doc.get("failures", []):
+            bytes.fromhex(f["rkey"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CorruptObject(f"{where}: pack manifest is inconsistent")
 
 
 # --------------------------------------------------------------------------
@@ -412,6 +474,14 @@ class PackReader:
             base = f"packs/{self.node}/{self.pack_id}"
             zs = self.store.zarr(base, read_only=True)
             arr = zarr.open_array(zs, path=name, mode="r", zarr_format=3)
+            meta = self.manifest["fields"][name]
+            n = self.manifest["n"]
+            want = (n, *meta["shape"]) if meta["layout"] == "stacked" else (meta["offsets"][-1],)
+            if tuple(arr.shape) != want or not _same_dtype(arr.dtype, meta["dtype"]):
+                raise CorruptObject(
+                    f"{base}/{name}: array is {arr.shape} {arr.dtype}, its manifest says "
+                    f"{want} {meta['dtype']}"
+                )
             _check_chunks(self.store, f"{base}/{name}", arr)
             self._arrays[name] = arr
         return arr
@@ -442,7 +512,9 @@ class PackReader:
                     cols[name] = [
                         flat[offs[p] - lo : offs[p + 1] - lo].reshape(shapes[p]) for p in positions
                     ]
-        except (ValueError, OSError) as e:
+        except CorruptObject:
+            raise
+        except Exception as e:
             raise CorruptObject(f"pack {self.node}/{self.pack_id}: cannot read ({e})") from e
         attrs = self.manifest["attrs"]
         out = []
@@ -463,6 +535,11 @@ class PackReader:
     def ckey(self, pos: int) -> bytes:
         s = self.manifest["ckeys"]
         return bytes.fromhex(s[pos * 2 * KEY_SIZE : (pos + 1) * 2 * KEY_SIZE])
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    """Equal up to byte order (zarr stores little-endian; keys ignore byte order)."""
+    return np.dtype(a).newbyteorder("<") == np.dtype(b).newbyteorder("<")
 
 
 def _check_chunks(store: Store, path: str, arr: Any) -> None:
@@ -502,11 +579,19 @@ def read_object(store: Store, node: str, rkey: bytes, manifest: dict | None = No
         for name, meta in doc["arrays"].items():
             try:
                 z = zarr.open_array(zs, path=name, mode="r", zarr_format=3)
+                expect = math.prod(meta["shape"]) if meta["shape"] else 1
+                if not _same_dtype(z.dtype, meta["dtype"]) or z.size != expect:
+                    raise ValueError(
+                        f"array is {z.shape} {z.dtype}, the manifest says "
+                        f"{meta['shape']} {meta['dtype']}"
+                    )
                 _check_chunks(store, f"{base}/{name}", z)
-                arr = z[...]
-            except (ValueError, OSError, KeyError) as e:
+                arr = z[...].reshape(meta["shape"])
+            except CorruptObject:
+                raise
+            except Exception as e:
                 raise CorruptObject(f"object {node}/{Key(rkey).hex()}: array {name}: {e}") from e
-            value[name] = arr.reshape(meta["shape"])
+            value[name] = arr
     for name, meta in doc["blobs"].items():
         try:
             data = store.get(f"{base}/{name}.blob")

@@ -294,7 +294,7 @@ print("building", flush=True)
 with get_executor(cfg["executor"], cfg.get("workers")) as ex:
     rep = build(synthetic_graph(cfg["params"]), items, sources, st, ex, progress=False,
                 batch_size=cfg.get("batch_size"))
-print(json.dumps({"ok": rep.ok, "interrupted": rep.interrupted,
+print(json.dumps({"ok": rep.ok, "interrupted": rep.interrupted, "error": rep.error,
                   "computed": {k: v.computed for k, v in rep.steps.items()}}), flush=True)
 sys.exit(0 if rep.ok else 1)
 '''

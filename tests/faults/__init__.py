@@ -1,0 +1,1 @@
+"""Fault injection and bad-input tests beyond tests/core (see RELIABILITY.md)."""
