@@ -54,11 +54,10 @@ vector's code is bit-identical on any machine, alone or in any batch.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from flow import ItemError, Items, node
+from nodes._labels import label_tuple
 
 __all__ = ["coder", "codes", "encode"]
 
@@ -72,30 +71,11 @@ _ENCODE_CHUNK = 1 << 22  # float64 products held at once by ``encode``
 # inputs
 
 
-def _label_tuple(value: Any, item_id: str) -> tuple[str, ...]:
-    """An item's labels as a sorted tuple of strings ('A|B' is split)."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = value.split("|")
-    elif isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"labels of {item_id!r} must be a tuple of strings, got {value!r}")
-    out = set()
-    for lab in value:
-        if not isinstance(lab, str):
-            raise ValueError(f"labels of {item_id!r} must be strings, got {lab!r}")
-        if lab.strip():
-            out.add(lab.strip())
-    return tuple(sorted(out))
-
-
 def _training_data(embeddings: Items, labels: Items) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Embeddings (n x D float64), multi-hot labels (n x L bool, all-false rows
     for unlabeled items) and the label vocabulary; matched by item id."""
     by_id = {
-        item_id: _label_tuple(value, item_id)
+        item_id: label_tuple(value, item_id)
         for item_id, value in zip(labels.ids, labels.values, strict=True)
     }
     rows, labs = [], []
