@@ -29,7 +29,19 @@ def _targets(values: tuple[str, ...]) -> list[str] | str:
     "--scheduler",
     help="sync | threads | local (default) | tcp://host:port of an existing dask scheduler.",
 )
-@click.option("--workers", type=int, help="Workers of a local cluster (default: one per core).")
+@click.option(
+    "--workers",
+    type=int,
+    help="Workers of a local cluster (default: one per core); with --cluster, the number of jobs.",
+)
+@click.option(
+    "--cluster",
+    "cluster_kind",
+    type=click.Choice(["slurm", "local"]),
+    help="Start the workers from flow.toml's [cluster]: as Slurm jobs through dask-jobqueue "
+    "(slurm), or a local cluster of that shape (local); every job is released when the build "
+    'ends.  [build] scheduler = "slurm" does the same.',
+)
 @click.option(
     "--retry-failed",
     is_flag=True,
@@ -69,6 +81,7 @@ def build(
     compact,
     progress,
     as_json,
+    cluster_kind=None,
 ):
     """Build the targets' indices, computing only what is stale.
 
@@ -82,16 +95,27 @@ def build(
         ws.retrain, ws._graph = True, None
     items = ws.items()[0]
     ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); store {ws.store.url}")
-    built = ws.build(
-        _targets(targets),
-        scheduler=scheduler,
-        workers=workers,
-        retry_failed=retry_failed,
-        fail_fast=fail_fast,
-        compact=compact,
-        progress=False if ctx.quiet else progress,
-        log=ctx.log,
-    )
+    executor = None
+    if cluster_kind or (scheduler or ws.project.scheduler) == "slurm":
+        from flow.cluster import cluster_executor
+
+        kind = cluster_kind or "slurm"
+        executor = cluster_executor(ws.project, kind, workers=workers, log=ctx.log)
+    try:
+        built = ws.build(
+            _targets(targets),
+            executor=executor,
+            scheduler=scheduler,
+            workers=workers,
+            retry_failed=retry_failed,
+            fail_fast=fail_fast,
+            compact=compact,
+            progress=False if ctx.quiet else progress,
+            log=ctx.log,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     rep = built.report
     if as_json:
         doc = rep.to_json()

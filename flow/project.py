@@ -316,6 +316,9 @@ def project_from_dict(
     for name, t in targets.items():
         if not isinstance(t, dict):
             raise ConfigError(f"{where}: [targets.{name}] must be a table")
+    from flow.cluster import cluster_config
+
+    cluster_config(raw.get("cluster"), f"{where}: [cluster]", root=root)  # raises on a bad key
     workers = build.get("workers")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"{where}: [build] workers must be a positive integer")
