@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,14 @@ url = ".flow/store"
 # sync | threads | local (a local Dask cluster) | tcp://host:port (existing scheduler)
 scheduler = "local"
 # workers = 2          # local cluster size (default: one per core)
+
+# [cluster]                 # `flow build --cluster slurm`: workers as Slurm jobs
+# partition = "cpu"
+# cores = 1               # per job (one worker process with this many threads)
+# memory = "4GB"
+# walltime = "01:00:00"
+# jobs = 4                # or adaptive_min = 0 / adaptive_max = 8
+# job_extra = ["--qos=normal"]
 
 [[sources]]
 # A folder of DICOM / PNG / JPEG files, scanned recursively.
@@ -56,8 +65,8 @@ kind = "cnn"
 # weights = "my_embedder.onnx"   # use your own network instead of training one
 [targets.cnn.normalize]
 size = 64
-[targets.cnn.embedder]
-epochs = 30
+# [targets.cnn.embedder]
+# epochs = 80            # training epochs (defaults: dim 64, width 32)
 
 [targets.bovw]
 kind = "bovw"
@@ -84,8 +93,11 @@ def init(folder, images, labels, force):
         click.echo(f"error: {path} exists (use --force to overwrite)", err=True)
         sys.exit(2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    labels_line = f'labels = "{labels}"' if labels else '# labels = "labels.csv"'
-    path.write_text(TEMPLATE.format(images=images, labels_line=labels_line), encoding="utf-8")
+    labels_line = f"labels = {json.dumps(labels)}" if labels else '# labels = "labels.csv"'
+    text = TEMPLATE.replace("{images}", json.dumps(images)[1:-1]).replace(
+        "{labels_line}", labels_line
+    )
+    path.write_text(text, encoding="utf-8")
     click.echo(f"wrote {path}")
 
 

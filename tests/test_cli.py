@@ -242,3 +242,20 @@ def test_bad_config_is_exit_2_with_the_key(project, tmp_path):
     (tmp_path / "labels.csv").write_text("file,split,finding_labels\n")
     res = CliRunner().invoke(cli, ["-p", str(bad), "status"])
     assert res.exit_code == 2 and "epoch" in res.output, res.output
+
+
+def test_init_writes_a_project_that_loads(tmp_path):
+    from flow.project import load_project
+
+    folder = tmp_path / "new project"
+    (folder / "my images").mkdir(parents=True)
+    (folder / "labels.csv").write_text("file,split,finding_labels\n")
+    res = CliRunner().invoke(
+        cli, ["init", str(folder), "--images", "my images", "--labels", "labels.csv"]
+    )
+    assert res.exit_code == 0, res.output
+    p = load_project(folder / "flow.toml")
+    assert sorted(p.targets) == ["bovw", "cnn", "codes"]
+    assert [s.path for s in p.sources] == [folder.resolve() / "my images"]
+    again = CliRunner().invoke(cli, ["init", str(folder)])
+    assert again.exit_code == 2 and "exists" in again.output
