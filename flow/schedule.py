@@ -191,16 +191,74 @@ class DaskExecutor(Executor):
                 self._cluster.close()
 
 
-def get_executor(scheduler: str = "local", workers: int | None = None, **kw: Any) -> Executor:
-    """``sync``, ``threads``, ``local`` (a local Dask cluster) or a scheduler address."""
+class LazyExecutor(Executor):
+    """An executor started on first use, so that a build with nothing stale starts no
+    cluster (a no-op ``flow build`` then costs planning alone, not a Dask start-up).
+    ``on_start(executor)`` runs once it is up (e.g. to print the dashboard)."""
+
+    def __init__(
+        self,
+        start: Callable[[], Executor],
+        name: str,
+        on_start: Callable[[Executor], None] | None = None,
+    ):
+        self._start, self._on_start, self._ex, self.name = start, on_start, None, name
+
+    @property
+    def started(self) -> Executor:
+        if self._ex is None:
+            self._ex = self._start()
+            if self._on_start is not None:
+                self._on_start(self._ex)
+        return self._ex
+
+    @property
+    def n_workers(self) -> int:  # type: ignore[override]
+        return self.started.n_workers
+
+    @property
+    def dashboard(self) -> str | None:  # type: ignore[override]
+        return self._ex.dashboard if self._ex is not None else None
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        return self.started.submit(fn, *args)
+
+    def wait_any(self, futures: set, timeout: float | None = None) -> tuple[set, set]:
+        return self.started.wait_any(futures, timeout)
+
+    def result(self, future: Any) -> Any:
+        return self.started.result(future)
+
+    def cancel(self, futures: Iterable) -> None:
+        if self._ex is not None:
+            self._ex.cancel(futures)
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.close()
+
+
+def get_executor(
+    scheduler: str = "local",
+    workers: int | None = None,
+    *,
+    lazy: bool = False,
+    on_start: Callable[[Executor], None] | None = None,
+    **kw: Any,
+) -> Executor:
+    """``sync``, ``threads``, ``local`` (a local Dask cluster) or a scheduler address.
+
+    ``lazy=True``: a Dask executor connects (or starts its cluster) on first use."""
     if scheduler == "sync":
         return SyncExecutor()
     if scheduler == "threads":
         return ThreadExecutor(workers)
-    if scheduler in ("local", "distributed"):
-        return DaskExecutor(None, workers, **kw)
-    if "://" in scheduler:
-        return DaskExecutor(scheduler, workers, **kw)
+    if scheduler in ("local", "distributed") or "://" in scheduler:
+        address = None if scheduler in ("local", "distributed") else scheduler
+        if lazy:
+            name = "local" if address is None else address
+            return LazyExecutor(lambda: DaskExecutor(address, workers, **kw), name, on_start)
+        return DaskExecutor(address, workers, **kw)
     raise FlowError(f"unknown scheduler {scheduler!r}: use sync, threads, local or tcp://host:port")
 
 

@@ -254,11 +254,17 @@ class Workspace:
         names = self._names(targets)
         own = executor is None
         if own:
+
+            def started(ex: Any) -> None:
+                if log and ex.dashboard:
+                    log(f"dashboard: {ex.dashboard}")
+
             executor = get_executor(
-                scheduler or self.project.scheduler, workers or self.project.workers
+                scheduler or self.project.scheduler,
+                workers or self.project.workers,
+                lazy=True,
+                on_start=started,
             )
-            if log and executor.dashboard:
-                log(f"dashboard: {executor.dashboard}")
         kw = dict(retry_failed=retry_failed, fail_fast=fail_fast, progress=progress, log=log)
         try:
             if eval:

@@ -73,9 +73,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from skimage.segmentation import slic
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 from flow import ItemError, Items, node
 
@@ -135,6 +132,8 @@ def descriptors(
             "descriptors": np.zeros((0, dim), np.float32),
             "centers": np.zeros((0, 2), np.float32),
         }
+    from skimage.segmentation import slic  # imported here: a query or a plan needs neither
+
     seg = slic(
         img,
         n_segments=n_segments,
@@ -222,6 +221,9 @@ def vocabulary(descriptors: Items, *, words: int = 256, sample: int = 50000, see
             f"vocabulary: {distinct} distinct sampled descriptors for {words} words; "
             "lower words= or raise sample= / add training images"
         )
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1):
         km = KMeans(
             n_clusters=words,

@@ -82,6 +82,12 @@ def test_cluster_build_equals_sync_build(cluster, reference, tmp_path):
     again = build_here(root, ref.data, {})
     assert again.ok
     assert all(s.computed == 0 for s in again.steps.values())
+    # with nothing stale, a lazy executor never connects (a no-op build starts no cluster)
+    started = []
+    lazy = get_executor(cluster.address, lazy=True, on_start=started.append)
+    with lazy:
+        noop = build(synthetic_graph(), items, sources, st, lazy, progress=False)
+    assert noop.ok and noop.executor == cluster.address and started == []
 
 
 def test_worker_killed_mid_build(cluster, reference, tmp_path):
