@@ -200,13 +200,16 @@ def cluster_config(
             "each worker process gets cores / processes threads"
         )
     memory = text("memory") or "2GB"
-    try:
-        from dask.utils import parse_bytes
+    if "memory" in table:  # dask is imported only to check a given size (not on every load)
+        try:
+            from dask.utils import parse_bytes
 
-        if parse_bytes(memory) < 2**20:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{where}: memory must be a size such as '4GB', got {memory!r}") from None
+            if parse_bytes(memory) < 2**20:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"{where}: memory must be a size such as '4GB', got {memory!r}"
+            ) from None
     walltime = text("walltime") or "01:00:00"
     if not _WALLTIME.match(walltime):
         raise ConfigError(

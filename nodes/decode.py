@@ -55,18 +55,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydicom import dcmread, uid
-from pydicom.dataset import FileMetaDataset
-from pydicom.encaps import generate_frames, get_frame
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi,
-    apply_windowing,
-    convert_color_space,
-    get_decoder,
-)
-from pydicom.pixels.utils import get_expected_length
 
 from flow import Blob, ItemError, node
 
@@ -144,6 +132,8 @@ def dicom_identifiers(path_or_bytes: str | os.PathLike | bytes) -> dict[str, str
     DICOM identifier at planning time.  Absent values are ``""``; a file that is not
     DICOM raises ItemError.
     """
+    from pydicom import dcmread
+
     if isinstance(path_or_bytes, bytes | bytearray | memoryview):
         data = bytes(path_or_bytes)
     else:
@@ -197,6 +187,9 @@ def _dicom_stream(data: bytes) -> io.BytesIO:
 
 
 def _decoded_dicom(data: bytes, frame: str, voi: bool, max_pixels: int, salt: str) -> dict:
+    from pydicom import dcmread
+    from pydicom.pixels import apply_color_lut, convert_color_space
+
     with warnings.catch_warnings(record=True) as caught, _as_item_error("unreadable DICOM"):
         warnings.simplefilter("always")
         ds = dcmread(_dicom_stream(data), force=True)
@@ -275,6 +268,9 @@ def _dicom_info(ds: Any, salt: str) -> tuple[dict, int, str]:
 
 def _transfer_syntax(ds: Any) -> Any:
     """The transfer syntax; for a dataset without one, the encoding pydicom read it in."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
     if getattr(ds, "file_meta", None) is None:
         ds.file_meta = FileMetaDataset()
     ts = ds.file_meta.get("TransferSyntaxUID")
@@ -306,6 +302,10 @@ def _dicom_array(
     ds: Any, info: dict, frame: str, pixel_kw: str, samples: int
 ) -> tuple[np.ndarray, str]:
     """Decode the selected frame(s); returns the array and its photometric after decode."""
+    from pydicom import uid
+    from pydicom.pixels import get_decoder
+    from pydicom.pixels.utils import get_expected_length
+
     ts = uid.UID(str(ds.file_meta.TransferSyntaxUID))
     try:
         decoder = get_decoder(ts)
@@ -348,6 +348,9 @@ def _check_codestreams(ds: Any, ts: Any, info: dict, samples: int, index: int | 
     60000x60000 codestream would get past the ``max_pixels`` check; this reads only
     the SOF / SIZ size fields of the frames that will be decoded.
     """
+    from pydicom import uid
+    from pydicom.encaps import generate_frames, get_frame
+
     if ts in uid.JPEG2000TransferSyntaxes:
         size_of = _j2k_size
     elif ts in uid.JPEGTransferSyntaxes or ts in uid.JPEGLSTransferSyntaxes:
@@ -402,6 +405,8 @@ def _native_palette(ds: Any) -> Any:
     Big Endian files (OBXXXX1A_expb.dcm).  Swap them here; a test compares the big
     and little endian files so a fixed pydicom shows up.
     """
+    from pydicom import uid
+
     if ds.file_meta.TransferSyntaxUID != uid.ExplicitVRBigEndian:
         return ds
     n = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
@@ -432,6 +437,8 @@ def _usable_modality_lut(ds: Any) -> Any:
 
 def _dicom_gray(arr: np.ndarray, ds: Any, voi: bool) -> np.ndarray:
     """Modality LUT, then VOI LUT/window (or min-max), as float64 in [0, 1]."""
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
     x = apply_modality_lut(arr, _usable_modality_lut(ds))
     kind = _voi_kind(ds) if voi else None
     if kind is not None:
