@@ -118,7 +118,7 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
     else:
         rows = []
         for r in results:
-            m, b = r["metrics"], r["random"]
+            m, b, pr = r["metrics"], r["random"], r["prior"]
             rows.append(
                 [
                     r["target"],
@@ -129,6 +129,7 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
                     b["avg"][k],
                     b["precision"][k],
                     b["map"][k],
+                    pr["avg"][k],
                 ]
             )
         click.echo(
@@ -147,6 +148,7 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
                     f"random AvG@{k}",
                     f"random P@{k}",
                     f"random mAP@{k}",
+                    f"label-prior AvG@{k}",
                 ],
                 rows,
             )

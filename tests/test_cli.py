@@ -152,6 +152,10 @@ def test_eval_reports_metrics_beside_random(project, tmp_path):
         for m in ("avg", "precision", "map"):
             assert set(d["metrics"][m]) == {"1", "2", "3", "4", "5"}
             assert 0 <= d["metrics"][m]["5"] <= 5 and 0 <= d["random"][m]["5"] <= 5
+        # the label-prior baseline ignores the image: the same for every target
+        assert d["prior"] == docs[0]["prior"]
+    table = run(project, "eval", "-k", "5")
+    assert "label-prior AvG@5" in table and "random AvG@5" in table
     assert plot.stat().st_size > 10_000
 
 
