@@ -622,7 +622,7 @@ class Builder:
             for name in ready:
                 st = self.graph[name]
                 inputs, digests = self._set_inputs(p, name)
-                n_in = sum(len(i[1]) for i in inputs if i[0] == "all")
+                n_in = max((len(i[1]) for i in inputs if i[0] == "all"), default=0)
                 self.log(f"{name}: fitting over {n_in} items")
                 self.progress.start(name, 1, unit="fit")
                 chain_step = ChainStep(
