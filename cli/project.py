@@ -24,6 +24,8 @@ url = ".flow/store"
 # sync | threads | local (a local Dask cluster) | tcp://host:port (existing scheduler)
 scheduler = "local"
 # workers = 2          # local cluster size (default: one per core)
+# threads_below = 400  # "local": fewer stale item computations than this run in
+#                      # threads of the flow process (no cluster start-up); 0: never
 
 # [cluster]                 # `flow build --cluster slurm`: workers as Slurm jobs
 # partition = "cpu"

@@ -73,6 +73,7 @@ class Project:
     scheduler: str = "local"
     workers: int | None = None
     batch_size: int | None = None
+    threads_below: int = 400  # local builds with less stale item work run in threads
     cluster: dict = field(default_factory=dict)  # [cluster] table (Slurm etc.)
     raw: dict = field(default_factory=dict)
 
@@ -277,7 +278,7 @@ def project_from_dict(
     if "://" not in url:
         url = str(rel(url))
     build = raw.get("build", {})
-    _check_keys(f"{where}: [build]", build, {"scheduler", "workers", "batch_size"})
+    _check_keys(f"{where}: [build]", build, {"scheduler", "workers", "batch_size", "threads_below"})
     sources = []
     raw_sources = raw.get("sources", [])
     if isinstance(raw_sources, dict):
@@ -322,6 +323,9 @@ def project_from_dict(
     workers = build.get("workers")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"{where}: [build] workers must be a positive integer")
+    threads_below = build.get("threads_below", 400)
+    if not isinstance(threads_below, int) or isinstance(threads_below, bool) or threads_below < 0:
+        raise ConfigError(f"{where}: [build] threads_below must be an integer >= 0")
     return Project(
         root=root,
         file=file,
@@ -342,6 +346,7 @@ def project_from_dict(
         scheduler=build.get("scheduler", "local"),
         workers=workers,
         batch_size=build.get("batch_size"),
+        threads_below=threads_below,
         cluster=raw.get("cluster", {}),
         raw=raw,
     )

@@ -201,8 +201,27 @@ class LazyExecutor(Executor):
         start: Callable[[], Executor],
         name: str,
         on_start: Callable[[Executor], None] | None = None,
+        threads_below: int = 0,
+        workers: int | None = None,
     ):
         self._start, self._on_start, self._ex, self.name = start, on_start, None, name
+        self.threads_below, self._workers = threads_below, workers
+
+    def expect(self, p: Plan) -> None:
+        """Told the plan before any work: when fewer than ``threads_below`` item
+        computations are stale (an incremental build of a few new files), run them
+        in threads of this process instead of starting a Dask cluster, which takes
+        seconds (more than the work itself)."""
+        if self._ex is not None or self.threads_below <= 0:
+            return
+        work = sum(
+            int(np.isin(sp.status, (MISSING, PENDING)).sum())
+            for sp in p.steps.values()
+            if sp.kind == "item"
+        )
+        if work < self.threads_below:
+            workers = self._workers
+            self._start, self.name = (lambda: ThreadExecutor(workers)), "threads"
 
     @property
     def started(self) -> Executor:
@@ -244,11 +263,14 @@ def get_executor(
     *,
     lazy: bool = False,
     on_start: Callable[[Executor], None] | None = None,
+    threads_below: int = 0,
     **kw: Any,
 ) -> Executor:
     """``sync``, ``threads``, ``local`` (a local Dask cluster) or a scheduler address.
 
-    ``lazy=True``: a Dask executor connects (or starts its cluster) on first use."""
+    ``lazy=True``: a Dask executor connects (or starts its cluster) on first use;
+    with ``threads_below=N`` a ``local`` one is not started at all for a build
+    with fewer than N stale item computations: threads of this process run them."""
     if scheduler == "sync":
         return SyncExecutor()
     if scheduler == "threads":
@@ -257,7 +279,13 @@ def get_executor(
         address = None if scheduler in ("local", "distributed") else scheduler
         if lazy:
             name = "local" if address is None else address
-            return LazyExecutor(lambda: DaskExecutor(address, workers, **kw), name, on_start)
+            return LazyExecutor(
+                lambda: DaskExecutor(address, workers, **kw),
+                name,
+                on_start,
+                threads_below=threads_below if address is None else 0,
+                workers=workers,
+            )
         return DaskExecutor(address, workers, **kw)
     raise FlowError(f"unknown scheduler {scheduler!r}: use sync, threads, local or tcp://host:port")
 
@@ -723,6 +751,9 @@ class Builder:
     def _run(self) -> BuildReport:
         t0 = time.perf_counter()
         before = self.plan(reasons=True)
+        expect = getattr(self.executor, "expect", None)
+        if expect is not None:
+            expect(before)
         self.report = BuildReport(
             before, before, executor=self.executor.name, dashboard=self.executor.dashboard
         )

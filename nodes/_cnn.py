@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import threading
 import warnings
 from collections import OrderedDict
 
 import numpy as np
 
-# Training changes process-wide torch state (threads, deterministic mode);
-# one training at a time per process keeps two node calls in threads apart.
-_TORCH_LOCK = threading.Lock()
+from nodes._threads import POOLS
+
+# Training changes process-wide torch state (threads, deterministic mode):
+# it holds the fits' lock (nodes._threads), so fits in threads of one process
+# run one at a time.
 
 
 def network(dim: int, width: int, size: int):
@@ -62,7 +63,7 @@ def _pinned_torch(threads: int):
     while inside; the caller's settings are restored afterwards."""
     import torch
 
-    with _TORCH_LOCK:
+    with POOLS:
         old_threads = torch.get_num_threads()
         old_det = torch.are_deterministic_algorithms_enabled()
         old_warn = torch.is_deterministic_algorithms_warn_only_enabled()

@@ -264,6 +264,7 @@ class Workspace:
                 workers or self.project.workers,
                 lazy=True,
                 on_start=started,
+                threads_below=self.project.threads_below,
             )
         kw = dict(retry_failed=retry_failed, fail_fast=fail_fast, progress=progress, log=log)
         try:

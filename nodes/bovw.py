@@ -75,6 +75,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from flow import ItemError, Items, node
+from nodes._threads import single_threaded
 
 __all__ = ["bovw_histogram", "descriptors", "vocabulary"]
 
@@ -222,9 +223,8 @@ def vocabulary(descriptors: Items, *, words: int = 256, sample: int = 50000, see
             "lower words= or raise sample= / add training images"
         )
     from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1):
+    with single_threaded():
         km = KMeans(
             n_clusters=words,
             init="k-means++",

@@ -58,6 +58,7 @@ import numpy as np
 
 from flow import ItemError, Items, node
 from nodes._labels import label_tuple
+from nodes._threads import single_threaded
 
 __all__ = ["coder", "codes", "encode"]
 
@@ -234,11 +235,9 @@ def coder(
         raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
     if ridge < 0 or iterations < 0 or not 0 <= label_fraction <= 1:
         raise ValueError("need ridge >= 0, iterations >= 0 and 0 <= label_fraction <= 1")
-    from threadpoolctl import threadpool_limits
-
     x, y, vocab = _training_data(embeddings, labels)
     rng = np.random.default_rng(seed)
-    with threadpool_limits(limits=1):
+    with single_threaded():
         mean = x.mean(axis=0)
         xc = x - mean
         fraction = label_fraction if method == "supervised" else 0.0

@@ -164,3 +164,18 @@ def test_worker_joining_mid_build(cluster, reference, tmp_path):
     # the last few batches already running, harmless is all we can ask.)
     if events["joined_at"] <= n_batches - 6:
         assert events["late"].pid in manifest_pids(root), "the late worker got no task"
+
+
+def test_small_local_builds_run_in_threads_without_a_cluster(reference, tmp_path):
+    """``threads_below``: a local build with little stale work starts no Dask cluster;
+    threads of this process compute it, with the content of a synchronous build."""
+    ref = reference(N_SAME)
+    st = open_store(tmp_path / "store")
+    items, sources = synthetic_inputs(ref.data, st)
+    started = []
+    ex = get_executor("local", 2, lazy=True, on_start=started.append, threads_below=10 * N_SAME)
+    with ex:
+        rep = build(synthetic_graph(), items, sources, st, ex, progress=False)
+    assert rep.ok and rep.executor == "threads"
+    assert [type(e).__name__ for e in started] == ["ThreadExecutor"]
+    assert_same_content(store_content(st), ref.content)
