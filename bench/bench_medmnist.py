@@ -63,8 +63,8 @@ def _study(npz: Path, root: Path, size: int) -> None:
     text = toml.read_text()
     text = text.replace('# labels_column = "finding_labels"', 'labels_column = "label"')
     text = text.replace("size = 64", f"size = {size}")
-    bovw = f"[targets.bovw]\n[targets.bovw.normalize]\nsize = {size}\n"
-    text = text.replace("[targets.bovw]\n", bovw)
+    bovw = f'kind = "bovw"\n[targets.bovw.normalize]\nsize = {size}\n'
+    text = text.replace('kind = "bovw"\n', bovw)
     toml.write_text(text)
 
 
