@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -67,6 +68,21 @@ def _targets(values: tuple[str, ...]) -> list[str] | str:
     help="Progress bars (default: when stderr is a terminal).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For a tls:// scheduler: the CA certificate (PEM); overrides [build.tls] ca_file.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For a tls:// scheduler: this client's certificate (PEM).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For a tls:// scheduler: the certificate's key, if not in --tls-cert.",
+)
 @pass_ctx
 @handle_errors
 def build(
@@ -81,6 +97,9 @@ def build(
     compact,
     progress,
     as_json,
+    tls_ca_file=None,
+    tls_cert=None,
+    tls_key=None,
     cluster_kind=None,
 ):
     """Build the targets' indices, computing only what is stale.
@@ -107,6 +126,11 @@ def build(
             executor=executor,
             scheduler=scheduler,
             workers=workers,
+            tls={
+                k: str(Path(v).resolve())
+                for k, v in (("ca_file", tls_ca_file), ("cert", tls_cert), ("key", tls_key))
+                if v
+            },
             retry_failed=retry_failed,
             fail_fast=fail_fast,
             compact=compact,

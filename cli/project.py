@@ -26,6 +26,10 @@ scheduler = "local"
 # workers = 2          # local cluster size (default: one per core)
 # threads_below = 400  # "local": fewer stale item computations than this run in
 #                      # threads of the flow process (no cluster start-up); 0: never
+# [build.tls]          # for a tls:// scheduler (or flow build --tls-ca-file/-cert/-key)
+# ca_file = "ca.pem"
+# cert = "client.pem"
+# key = "client.key"
 
 # [cluster]                 # `flow build --cluster slurm`: workers as Slurm jobs
 # partition = "cpu"

@@ -74,6 +74,7 @@ class Project:
     workers: int | None = None
     batch_size: int | None = None
     threads_below: int = 400  # local builds with less stale item work run in threads
+    tls: dict = field(default_factory=dict)  # [build.tls]: ca_file, cert, key (absolute)
     cluster: dict = field(default_factory=dict)  # [cluster] table (Slurm etc.)
     raw: dict = field(default_factory=dict)
 
@@ -278,7 +279,17 @@ def project_from_dict(
     if "://" not in url:
         url = str(rel(url))
     build = raw.get("build", {})
-    _check_keys(f"{where}: [build]", build, {"scheduler", "workers", "batch_size", "threads_below"})
+    _check_keys(
+        f"{where}: [build]", build, {"scheduler", "workers", "batch_size", "threads_below", "tls"}
+    )
+    tls = build.get("tls", {})
+    if not isinstance(tls, dict):
+        raise ConfigError(f"{where}: [build] tls must be a table (ca_file, cert, key)")
+    _check_keys(f"{where}: [build.tls]", tls, {"ca_file", "cert", "key"})
+    for k, v in tls.items():
+        if not isinstance(v, str) or not rel(v).is_file():
+            raise ConfigError(f"{where}: [build.tls] {k} = {v!r} is not a file")
+    tls = {k: str(rel(v)) for k, v in tls.items()}
     sources = []
     raw_sources = raw.get("sources", [])
     if isinstance(raw_sources, dict):
@@ -347,6 +358,7 @@ def project_from_dict(
         workers=workers,
         batch_size=build.get("batch_size"),
         threads_below=threads_below,
+        tls=tls,
         cluster=raw.get("cluster", {}),
         raw=raw,
     )

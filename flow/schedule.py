@@ -257,6 +257,23 @@ class LazyExecutor(Executor):
             self._ex.close()
 
 
+def tls_security(ca_file: str | None, cert: str | None, key: str | None = None) -> Any:
+    """dask's ``Security`` for a ``tls://`` scheduler from PEM files (None: none given,
+    dask's own configuration applies)."""
+    if not (ca_file or cert or key):
+        return None
+    if not (ca_file and cert):
+        raise FlowError("TLS needs a CA file and a client certificate (and its key, if separate)")
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=ca_file,
+        tls_client_cert=cert,
+        tls_client_key=key or None,
+        require_encryption=True,
+    )
+
+
 def get_executor(
     scheduler: str = "local",
     workers: int | None = None,

@@ -239,6 +239,7 @@ class Workspace:
         executor: Any = None,
         scheduler: str | None = None,
         workers: int | None = None,
+        tls: dict | None = None,
         eval: bool = False,
         compact: bool = False,
         retry_failed: bool = False,
@@ -249,7 +250,7 @@ class Workspace:
         """Build ``targets``: their item steps and fits, then their index segments
         (see :mod:`nodes.segments`), then move their refs.  ``eval=True`` builds the
         eval indices instead (one segment over the eval database split)."""
-        from flow.schedule import get_executor
+        from flow.schedule import get_executor, tls_security
 
         names = self._names(targets)
         own = executor is None
@@ -265,6 +266,7 @@ class Workspace:
                 lazy=True,
                 on_start=started,
                 threads_below=self.project.threads_below,
+                **_security(tls_security, {**self.project.tls, **(tls or {})}),
             )
         kw = dict(retry_failed=retry_failed, fail_fast=fail_fast, progress=progress, log=log)
         try:
@@ -550,3 +552,9 @@ def dumps(obj: Any) -> str:
 
 
 __all__ += ["FlowError", "status_rows"]
+
+
+def _security(make: Any, tls: dict) -> dict:
+    """``security=`` for a Dask executor from [build.tls] / --tls-* (nothing if unset)."""
+    sec = make(tls.get("ca_file"), tls.get("cert"), tls.get("key"))
+    return {} if sec is None else {"security": sec}
