@@ -53,6 +53,7 @@ import inspect
 import sys
 import textwrap
 import types
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -196,6 +197,36 @@ def _dump(n: Any, out: list[str]) -> None:
         out.append(repr(n))
 
 
+# (function or class, top) -> (its normalized dump, what it references): a helper
+# reached from many nodes is parsed once per process
+_CODE: dict[bool, weakref.WeakKeyDictionary] = {
+    True: weakref.WeakKeyDictionary(),
+    False: weakref.WeakKeyDictionary(),
+}
+
+
+def _code(obj: Any, top: bool, package: str) -> tuple[str, list[tuple[str, Any]]]:
+    memo = _CODE[top]
+    try:
+        hit = memo.get(obj)
+    except TypeError:  # not weak-referenceable
+        hit = None
+    if hit is not None and hit[2] == package:
+        return hit[0], hit[1]
+    tree = _strip(_source_tree(obj), top=top)
+    out: list[str] = []
+    _dump(tree, out)
+    namespace = dict(vars(sys.modules[obj.__module__]))
+    if isinstance(obj, types.FunctionType) and obj.__closure__:
+        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
+            with contextlib.suppress(ValueError):  # an empty cell
+                namespace[var] = cell.cell_contents
+    dump, refs = "".join(out), _referenced(tree, namespace, package)
+    with contextlib.suppress(TypeError):
+        memo[obj] = (dump, refs, package)
+    return dump, refs
+
+
 def _source_tree(obj: Any) -> ast.AST:
     try:
         src = inspect.getsource(obj)
@@ -263,16 +294,9 @@ def fingerprint(fn: Callable) -> str:
         if not isinstance(obj, types.FunctionType | type):
             parts.append((name, key(obj).hex()))
             return
-        tree = _strip(_source_tree(obj), top=top)
-        out: list[str] = []
-        _dump(tree, out)
-        parts.append((name, "".join(out)))
-        namespace = dict(vars(sys.modules[obj.__module__]))
-        if isinstance(obj, types.FunctionType) and obj.__closure__:
-            for var, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
-                with contextlib.suppress(ValueError):  # an empty cell
-                    namespace[var] = cell.cell_contents
-        for ref_name, ref in _referenced(tree, namespace, package):
+        dump, refs = _code(obj, top, package)
+        parts.append((name, dump))
+        for ref_name, ref in refs:
             visit(ref_name, ref, False)
 
     visit("", fn, True)
