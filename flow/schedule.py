@@ -465,6 +465,7 @@ class Builder:
         self._stop = False
         self._interrupted = False
         self._gave_up: set[str] = set()
+        self._submitted = 0  # tasks submitted so far: a plan made since is still current
 
     def plan(self, reasons: bool = False) -> Plan:
         return plan(
@@ -574,6 +575,7 @@ class Builder:
                 while queue and len(in_flight) < max_in_flight and not self._stop:
                     batch = queue.pop(0)
                     items = [self._chain_item(p, chain, ext_names, i) for i in batch]
+                    self._submitted += 1
                     fut = self.executor.submit(
                         run_chain, self.ctx, steps, items, ones, self.retry_failed
                     )
@@ -653,9 +655,10 @@ class Builder:
             digests.append(items_key(ids, ckeys))
         return inputs, digests
 
-    def _run_set_steps(self, set_steps: list[str]) -> Plan:
+    def _run_set_steps(self, set_steps: list[str], p: Plan | None = None) -> Plan:
+        """Run the ready set steps until none is; ``p``: a plan that is still current."""
         assert self.report is not None
-        p = self.plan()
+        p = p or self.plan()
         while True:
             # a set step whose task raised in this build is not tried again here
             ready = [
@@ -673,6 +676,7 @@ class Builder:
                 chain_step = ChainStep(
                     name, st.node, asdict(st.params), bytes(st.prefix), (), _recipe(st)
                 )  # type: ignore[arg-type]
+                self._submitted += 1
                 futs[self.executor.submit(run_set, self.ctx, chain_step, inputs, digests)] = name
             pending = set(futs)
             try:
@@ -774,16 +778,18 @@ class Builder:
         self.report = BuildReport(
             before, before, executor=self.executor.name, dashboard=self.executor.dashboard
         )
-        p = before
+        # re-planning reads every catalog again: done only after work was submitted
+        p, p_at = before, self._submitted
         try:
             for item_steps, set_steps in phases(self.graph):
                 if self._stop:
                     break
                 if item_steps and any(not p.steps[n].done for n in item_steps):
                     self._run_item_phase(p, item_steps)
-                    p = self.plan()
+                    p, p_at = self.plan(), self._submitted
                 if set_steps:
-                    p = self._run_set_steps(set_steps)
+                    p = self._run_set_steps(set_steps, p if p_at == self._submitted else None)
+                    p_at = self._submitted
         except KeyboardInterrupt:
             self.report.interrupted = True
         except Exception as e:
@@ -798,7 +804,8 @@ class Builder:
             )
         finally:
             self.progress.close()
-        after = self.plan()
+        current = p_at == self._submitted and not self.report.error and not self.report.interrupted
+        after = p if current else self.plan()
         self.report.after = after
         self.report.failures = self._failures + self._old_failures(after)
         self.report.seconds = time.perf_counter() - t0
