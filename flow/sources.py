@@ -25,6 +25,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -123,14 +124,25 @@ def _magic(s: str) -> bool:
 
 
 class StatCache:
-    """Remembered file keys of one source root, keyed by relative path and stat."""
+    """Remembered file keys of one source root, keyed by relative path and stat.
+
+    Loaded as arrays (paths, stats, keys) and compared with a scan in one
+    vectorized pass (:meth:`lookup_many`); this session's new keys and removals
+    are kept beside them and merged when saved.  At 100k files that is a few
+    tens of milliseconds where a dict of tuples took a third of a second.
+    """
 
     def __init__(self, store, root: str):
         self.store = store
         self.root = os.path.realpath(root)
         digest = key(("stat-cache", socket.gethostname(), self.root)).hex()[:16]
         self.path = f"cache/stat/{digest}.npz"
-        self._entries: dict[str, tuple[int, int, int, bytes]] = {}
+        self._paths: list[str] = []
+        self._meta = np.zeros((0, 3), np.int64)  # size, mtime_ns, ino
+        self._keys = np.zeros((0, KEY_SIZE), np.uint8)
+        self._row: dict[str, int] | None = None  # path -> row, built on first use
+        self._new: dict[str, tuple[int, int, int, bytes]] = {}  # keys hashed this session
+        self._drop: set[str] = set()  # paths no longer scanned
         self._dirty = False
         self._load()
 
@@ -142,48 +154,94 @@ class StatCache:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 paths = z["paths"].tolist()
-                meta = z["meta"]
-                keys = z["keys"].reshape(-1, KEY_SIZE)
-        except (ValueError, KeyError, OSError):
+                meta = np.asarray(z["meta"], dtype=np.int64).reshape(-1, 3)
+                keys = np.asarray(z["keys"], dtype=np.uint8).reshape(-1, KEY_SIZE)
+        except (ValueError, KeyError, OSError, TypeError):
             return  # unreadable cache: start over
-        raw = keys.tobytes()
-        self._entries = {
-            p: (int(m[0]), int(m[1]), int(m[2]), raw[i * KEY_SIZE : (i + 1) * KEY_SIZE])
-            for i, (p, m) in enumerate(zip(paths, meta.tolist()))
-        }
+        if not (len(paths) == len(meta) == len(keys)):
+            return
+        self._paths, self._meta, self._keys = paths, meta, keys
+
+    def _rows(self) -> dict[str, int]:
+        if self._row is None:
+            self._row = dict(zip(self._paths, range(len(self._paths)), strict=True))
+        return self._row
 
     def lookup(self, rel: str, st: FileStat, now_ns: int) -> bytes | None:
-        e = self._entries.get(rel)
-        if e is None or e[0] != st.size or e[1] != st.mtime_ns or e[2] != st.ino:
-            return None
-        if now_ns - st.mtime_ns < _RECENT_NS:
-            return None  # too recent to trust a coarse mtime
-        return e[3]
+        return self.lookup_many([rel], [st], now_ns)[0]
+
+    def lookup_many(
+        self, rels: Sequence[str], stats: Sequence[FileStat], now_ns: int
+    ) -> list[bytes | None]:
+        """The remembered key of each file whose size, mtime and inode are unchanged
+        (None for the others, and for files too recent to trust a coarse mtime)."""
+        n = len(rels)
+        out: list[bytes | None] = [None] * n
+        if n == 0:
+            return out
+        st = np.fromiter(chain.from_iterable(stats), np.int64, 3 * n).reshape(n, 3)
+        old_enough = (now_ns - st[:, 1]) >= _RECENT_NS
+        if self._paths:
+            rows = self._rows()
+            idx = np.fromiter((rows.get(r, -1) for r in rels), np.int64, n)
+            hit = (idx >= 0) & old_enough
+            hit &= (self._meta[np.where(idx >= 0, idx, 0)] == st).all(axis=1)
+            where = np.flatnonzero(hit)
+            raw = self._keys[idx[where]].tobytes()
+            for j, i in enumerate(where.tolist()):
+                out[i] = raw[j * KEY_SIZE : (j + 1) * KEY_SIZE]
+        if self._new:  # a key hashed this session replaces the loaded one
+            for i, rel in enumerate(rels):
+                e = self._new.get(rel)
+                if e is not None:
+                    same = e[:3] == (int(st[i, 0]), int(st[i, 1]), int(st[i, 2]))
+                    out[i] = e[3] if same and old_enough[i] else None
+        return out
 
     def update(self, rel: str, st: FileStat, k: bytes) -> None:
-        self._entries[rel] = (st.size, st.mtime_ns, st.ino, bytes(k))
+        self._new[rel] = (int(st.size), int(st.mtime_ns), int(st.ino), bytes(k))
+        self._drop.discard(rel)
         self._dirty = True
 
     def prune(self, keep: Iterable[str]) -> None:
         keep = set(keep)
-        gone = [p for p in self._entries if p not in keep]
+        gone = [p for p in self._paths if p not in keep and p not in self._drop]
+        gone += [p for p in self._new if p not in keep]
         for p in gone:
-            del self._entries[p]
+            self._new.pop(p, None)
+        self._drop.update(gone)
         self._dirty = self._dirty or bool(gone)
 
     def save(self) -> None:
         if not self._dirty:
             return
-        paths = list(self._entries)
-        meta = np.array([self._entries[p][:3] for p in paths], dtype=np.int64).reshape(-1, 3)
-        keys = np.frombuffer(b"".join(self._entries[p][3] for p in paths), dtype=np.uint8)
+        rows = self._rows()
+        kept = np.ones(len(self._paths), bool)
+        for p in self._drop | set(self._new):
+            r = rows.get(p)
+            if r is not None:
+                kept[r] = False
+        new = [p for p in self._new if p not in self._drop]
+        paths = [p for p, k in zip(self._paths, kept.tolist(), strict=True) if k] + new
+        meta = np.concatenate(
+            [self._meta[kept], np.array([self._new[p][:3] for p in new], np.int64).reshape(-1, 3)]
+        )
+        keys = np.concatenate(
+            [
+                self._keys[kept],
+                np.frombuffer(b"".join(self._new[p][3] for p in new), np.uint8).reshape(
+                    -1, KEY_SIZE
+                ),
+            ]
+        )
         buf = io.BytesIO()
-        np.savez(buf, paths=np.array(paths, dtype=str), meta=meta, keys=keys)
+        np.savez(buf, paths=np.array(paths, dtype=str), meta=meta, keys=keys.reshape(-1))
         try:
             self.store.put(self.path, buf.getvalue())
-            self._dirty = False
         except OSError:
-            pass  # only a cache
+            return  # only a cache
+        self._paths, self._meta, self._keys, self._row = paths, meta, keys, None
+        self._new, self._drop, self._dirty = {}, set(), False
 
 
 def file_keys(
@@ -199,14 +257,8 @@ def file_keys(
     those, and how many files were hashed.
     """
     now = time.time_ns()
-    keys: list[bytes | None] = [None] * len(rels)
-    todo = []
-    for i, (rel, st) in enumerate(zip(rels, stats)):
-        k = cache.lookup(rel, st, now) if cache is not None else None
-        if k is None:
-            todo.append(i)
-        else:
-            keys[i] = k
+    keys = cache.lookup_many(rels, stats, now) if cache is not None else [None] * len(rels)
+    todo = [i for i, k in enumerate(keys) if k is None]
     errors: dict[int, str] = {}
 
     def one(i: int) -> tuple[int, bytes | None, str | None]:
