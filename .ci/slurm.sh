@@ -29,8 +29,9 @@ if missing; then
     if ! command -v apt-get >/dev/null 2>&1; then say "no apt-get: install slurm-wlm and munge"; exit 1; fi
     export DEBIAN_FRONTEND=noninteractive
     pkgs="slurm-wlm munge"
-    apt-get install -y --no-install-recommends $pkgs >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y --no-install-recommends $pkgs; } \
+    timeout 300 apt-get install -y --no-install-recommends $pkgs >/dev/null 2>&1 \
+        || { timeout 300 apt-get update -q >/dev/null \
+             && timeout 300 apt-get install -y --no-install-recommends $pkgs; } \
         || { say "apt-get install $pkgs failed"; exit 1; }
 fi
 if missing; then say "still missing some of: $need"; exit 1; fi
