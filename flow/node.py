@@ -50,12 +50,14 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -284,6 +286,14 @@ def fingerprint(fn: Callable) -> str:
     if cached is not None:
         return cached
     package = _package(fn)
+    disk = _disk_cache_path(fn, package)
+    if disk is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            digest = disk.read_text("ascii").strip()
+            if len(digest) == 2 * 16 and all(c in "0123456789abcdef" for c in digest):
+                with contextlib.suppress(AttributeError):
+                    fn.__flow_fingerprint__ = digest
+                return digest
     parts: list[tuple[str, str]] = []
     seen: set[int] = set()
 
@@ -303,7 +313,51 @@ def fingerprint(fn: Callable) -> str:
     digest = key(parts).hex()
     with contextlib.suppress(AttributeError):
         fn.__flow_fingerprint__ = digest
+    if disk is not None:
+        with contextlib.suppress(OSError):
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_name(f"{disk.name}.{os.getpid()}.tmp")
+            tmp.write_text(digest, "ascii")
+            os.replace(tmp, disk)
     return digest
+
+
+# A fingerprint depends only on the source of the package's modules, their module-level
+# constants and the fingerprinting code itself: a new process (a `flow` command) finds
+# it on disk under a key of exactly those -- file *contents*, not stats -- instead of
+# parsing the sources again (0.2-0.3 s per command for the pipeline's nodes).
+def _file_digest(path: str) -> bytes:
+    with open(path, "rb") as f:  # read every time: a file rewritten in this process counts
+        return bytes(key(f.read()))
+
+
+def _disk_cache_path(fn: Callable, package: str) -> Path | None:
+    """Where ``fn``'s fingerprint is remembered, or None (closures, no source files,
+    ``FLOW_FINGERPRINT_CACHE=0``)."""
+    where = os.environ.get("FLOW_FINGERPRINT_CACHE", "")
+    if where == "0" or not package or getattr(fn, "__closure__", None):
+        return None
+    try:
+        parts: list[Any] = [sys.version, _file_digest(__file__), fn.__module__, fn.__qualname__]
+        for name in sorted(sys.modules):
+            if name != package and not name.startswith(package + "."):
+                continue
+            mod = sys.modules[name]
+            path = getattr(mod, "__file__", None)
+            if path is None:
+                continue  # a namespace package: no code of its own
+            consts = []
+            for k, v in sorted(vars(mod).items()):
+                if isinstance(v, _CONST_TYPES) and not isinstance(v, type):
+                    with contextlib.suppress(TypeError):
+                        consts.append((k, bytes(key(v))))
+            parts.append((name, _file_digest(path), tuple(consts)))
+        digest = key(tuple(parts)).hex()
+    except (OSError, TypeError, AttributeError):
+        return None
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flow"
+    base = Path(where) if where else home
+    return base / "fingerprints" / digest[:2] / digest
 
 
 # --------------------------------------------------------------------------

@@ -311,3 +311,42 @@ def test_prefix_covers_name_version_params_but_not_hints():
         node(f, version=1, name="g").params()
     )
     assert base.prefix(p) != base.prefix(base.params(k=2))
+
+
+def _fresh_fingerprint(root, cache, env_extra=None) -> str:
+    """``transformed``'s fingerprint in a new interpreter (package ``fpc_pkg`` in root)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "FLOW_FINGERPRINT_CACHE": str(cache), **(env_extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    code = "from fpc_pkg.mod import transformed; print(transformed.fingerprint)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_fingerprint_disk_cache_follows_sources_and_constants(tmp_path):
+    """A new process reuses a remembered fingerprint only while the package's sources
+    and module-level constants (also those computed at import) are the same."""
+    pkg, cache = tmp_path / "fpc_pkg", tmp_path / "cache"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    helpers = HELPERS.replace(
+        "_LIMIT = 10.0", "import os\n\n_LIMIT = 10.0\n_SCALE = float(os.environ['FP_SCALE'])"
+    ).replace("return x * gain", "return x * gain * _SCALE")
+
+    def fp(helpers_src: str, scale: str = "1", **env) -> str:
+        (pkg / "mod.py").write_text(textwrap.dedent(MOD))
+        (pkg / "helpers.py").write_text(textwrap.dedent(helpers_src))
+        return _fresh_fingerprint(tmp_path, cache, {"FP_SCALE": scale, **env})
+
+    a = fp(helpers)
+    assert any(cache.rglob("*")), "nothing remembered"
+    assert fp(helpers) == a == fp(helpers, FLOW_FINGERPRINT_CACHE="0")
+    b = fp(helpers.replace("return np.minimum", "return np.maximum"))
+    assert b != a and b == fp(helpers.replace("return np.minimum", "return np.maximum"),
+                              FLOW_FINGERPRINT_CACHE="0")  # fmt: skip
+    assert fp(helpers.replace("_LIMIT = 10.0", "_LIMIT = 11.0")) not in (a, b)
+    assert fp(helpers, scale="2") != a  # a constant computed at import time
+    assert fp(helpers) == a
