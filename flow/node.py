@@ -40,6 +40,12 @@ of functions, methods of objects passed in), and anything read at run time
 outside the inputs (which a pure node must not do).  When such a change alters
 a node's output, bump ``version=``.
 
+Parsing sources takes a few tenths of a second per command, so fingerprints are
+remembered on disk (``$XDG_CACHE_HOME/flow/fingerprints``, or the folder in
+``FLOW_FINGERPRINT_CACHE``; ``0`` turns it off) under a key of everything they
+depend on: the contents of every loaded module file of the package, the values
+of their module-level constants, and this file.  Closures are never cached.
+
 Execution hints (``batch_size``, ``batched``) stay out of the key: they never
 change the bytes a node produces.
 """
