@@ -796,8 +796,9 @@ class Builder:
             # the executor itself failed (a lost scheduler, a dead cluster): end the
             # build with what is known; everything published stays published
             self.report.error = (
-                f"the build stopped: {type(e).__name__}: {e} (lost the Dask scheduler or "
-                "its workers?); everything finished is stored: rerun to finish"
+                f"the build stopped: {type(e).__name__}: {e} (could not reach, or lost, "
+                "the Dask scheduler or its workers?); everything finished is stored: "
+                "rerun to finish"
             )
             self._failures.append(
                 Failure("<build>", "<executor>", type(e).__name__, self.report.error)
