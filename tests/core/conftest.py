@@ -173,33 +173,39 @@ class Cluster:
 _REPO = Path(__file__).resolve().parents[2]
 
 
+def start_scheduler(
+    procs: Processes, *extra: str, idle_timeout: int = 900
+) -> tuple[subprocess.Popen, str]:
+    """A ``dask scheduler`` on 127.0.0.1 (random port; ``extra`` arguments added) and
+    its address once it listens; the test skips if it exits or never comes up."""
+    sched_file = procs.folder / "scheduler.json"
+    # --idle-timeout: a scheduler orphaned by a crashed test run still exits
+    args = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+            "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file),
+            "--idle-timeout", str(idle_timeout), *extra]  # fmt: skip
+    proc = procs.start(args, "scheduler.log", cwd=_REPO)
+
+    def address() -> str | None:
+        if proc.poll() is not None:
+            pytest.skip(f"dask scheduler exited ({proc.returncode}): {procs.log(proc)}")
+        try:
+            return json.loads(sched_file.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    try:
+        return proc, wait_until(address, START_TIMEOUT, "the dask scheduler")
+    except AssertionError:
+        pytest.skip(f"dask scheduler did not start: {procs.log(proc)}")
+
+
 @pytest.fixture(scope="module")
 def dask_scheduler(tmp_path_factory) -> Iterator[tuple[str, Processes]]:
     """A ``dask scheduler`` on 127.0.0.1 (random port), shared by a module's tests."""
     pytest.importorskip("distributed")
-    folder = tmp_path_factory.mktemp("dask")
-    procs = Processes(folder)
-    sched_file = folder / "scheduler.json"
-    # --idle-timeout: a scheduler orphaned by a crashed test run still exits
-    args = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-            "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file),
-            "--idle-timeout", "900"]  # fmt: skip
+    procs = Processes(tmp_path_factory.mktemp("dask"))
     try:
-        proc = procs.start(args, "scheduler.log", cwd=_REPO)
-
-        def address() -> str | None:
-            if proc.poll() is not None:
-                pytest.skip(f"dask scheduler exited ({proc.returncode}): {procs.log(proc)}")
-            try:
-                return json.loads(sched_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                return None
-
-        try:
-            addr = wait_until(address, START_TIMEOUT, "the dask scheduler")
-        except AssertionError:
-            pytest.skip(f"dask scheduler did not start: {procs.log(proc)}")
-        yield addr, procs
+        yield start_scheduler(procs)[1], procs
     finally:
         procs.close()
 

@@ -20,7 +20,13 @@ from flow.schedule import build, get_executor, tls_security
 from flow.testing import synthetic_graph, synthetic_inputs
 from store import open_store
 
-from .conftest import START_TIMEOUT, Processes, assert_same_content, store_content, wait_until
+from .conftest import (
+    START_TIMEOUT,
+    Processes,
+    assert_same_content,
+    start_scheduler,
+    store_content,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 _REPO = Path(__file__).resolve().parents[2]
@@ -54,23 +60,8 @@ def tls_cluster(certs, tmp_path_factory):
     procs = Processes(folder)
     tls = ["--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "cert.pem"),
            "--tls-key", str(certs / "key.pem")]  # fmt: skip
-    sched_file = folder / "scheduler.json"
     try:
-        sched = procs.start([sys.executable, "-m", "distributed.cli.dask_scheduler",
-                             "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
-                             "--no-dashboard", "--scheduler-file", str(sched_file),
-                             "--idle-timeout", "600", *tls],
-                            "scheduler.log", cwd=_REPO)  # fmt: skip
-
-        def address() -> str | None:
-            if sched.poll() is not None:
-                pytest.skip(f"TLS dask scheduler exited: {procs.log(sched)}")
-            try:
-                return json.loads(sched_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                return None
-
-        addr = wait_until(address, START_TIMEOUT, "the TLS dask scheduler")
+        _, addr = start_scheduler(procs, "--protocol", "tls", *tls, idle_timeout=600)
         assert addr.startswith("tls://")
         procs.start([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads",
                      "1", "--no-nanny", "--memory-limit", "0", "--no-dashboard", *tls],

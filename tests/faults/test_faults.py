@@ -54,7 +54,6 @@ from tests.core.conftest import (
     N_SLOW,
     SET_NODES,
     SLOW,
-    START_TIMEOUT,
     Cluster,
     Content,
     Processes,
@@ -63,6 +62,7 @@ from tests.core.conftest import (
     build_here,
     count_manifests,
     same_value,
+    start_scheduler,
     store_content,
     wait_until,
 )
@@ -162,35 +162,6 @@ def rerun_computes_only_missing(root: Path, data: Path, params: dict, n: int) ->
 # 1. the dask scheduler killed -9 mid-build
 
 
-def _start_scheduler(procs: Processes, folder: Path) -> tuple[subprocess.Popen, str]:
-    sched_file = folder / "scheduler.json"
-    args = [
-        sys.executable,
-        "-m",
-        "distributed.cli.dask_scheduler",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-dashboard",
-        "--scheduler-file",
-        str(sched_file),
-        "--idle-timeout",
-        "300",
-    ]
-    proc = procs.start(args, "scheduler.log", cwd=REPO)
-
-    def address() -> str | None:
-        if proc.poll() is not None:
-            pytest.skip(f"dask scheduler exited ({proc.returncode}): {procs.log(proc)}")
-        try:
-            return json.loads(sched_file.read_text())["address"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    return proc, wait_until(address, START_TIMEOUT, "the dask scheduler")
-
-
 @pytest.fixture(scope="module")
 def scheduler_killed(tmp_path_factory, reference) -> Iterator[dict]:
     """A build on a real scheduler + 2 workers; the scheduler SIGKILLed mid-build."""
@@ -201,7 +172,7 @@ def scheduler_killed(tmp_path_factory, reference) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("scheduler_killed")
     procs = Processes(folder)
     try:
-        sched, addr = _start_scheduler(procs, folder)
+        sched, addr = start_scheduler(procs, idle_timeout=300)
         admin = Client(addr, timeout="30s")
         cluster = Cluster(addr, procs, admin)
         try:
