@@ -59,6 +59,7 @@ import numpy as np
 from flow import ItemError, Items, node
 from nodes._labels import label_tuple
 from nodes._threads import single_threaded
+from nodes.metrics import label_matrix
 
 __all__ = ["coder", "codes", "encode"]
 
@@ -93,11 +94,7 @@ def _training_data(embeddings: Items, labels: Items) -> tuple[np.ndarray, np.nda
         labs.append(by_id.get(item_id, ()))
     if len(rows) < 2:
         raise ValueError(f"the coder needs at least 2 embeddings, got {len(rows)}")
-    vocab = sorted({lab for ls in labs for lab in ls})
-    index = {lab: j for j, lab in enumerate(vocab)}
-    y = np.zeros((len(rows), len(vocab)), dtype=bool)
-    for i, ls in enumerate(labs):
-        y[i, [index[lab] for lab in ls]] = True
+    y, vocab = label_matrix(labs)
     return np.stack(rows), y, vocab
 
 

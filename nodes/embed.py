@@ -53,6 +53,7 @@ import numpy as np
 from flow import Blob, ItemError, Items, node
 from nodes import _cnn
 from nodes._labels import label_tuple
+from nodes.metrics import label_matrix
 
 __all__ = ["embed_one", "embedder", "embedder_from_weights", "embedding"]
 
@@ -99,11 +100,7 @@ def _training_set(images: Items, labels: Items) -> tuple[np.ndarray, np.ndarray,
             f"the embedder needs at least 2 labeled images, got {len(xs)} "
             f"(of {len(images)} images, {len(labels)} label entries)"
         )
-    vocab = sorted({lab for labs in ys for lab in labs})
-    index = {lab: j for j, lab in enumerate(vocab)}
-    y = np.zeros((len(ys), len(vocab)), dtype=bool)
-    for i, labs in enumerate(ys):
-        y[i, [index[lab] for lab in labs]] = True
+    y, vocab = label_matrix(ys)
     return np.stack(xs), y, vocab
 
 

@@ -399,6 +399,10 @@ def _prior_rankings(db_labels: np.ndarray, k: int, exclude: np.ndarray) -> np.nd
     return out
 
 
+# (result key, line style, color when targets share it, legend name)
+_BASELINES = (("random", "--", "gray", "random"), ("prior", ":", "black", "label prior"))
+
+
 def plot_metrics(results: list[dict], path: str | os.PathLike) -> None:
     """One PNG: AvG@K, precision@K and mAP@K against K for every target, with
     the random baseline dashed and the label-prior baseline dotted."""
@@ -418,24 +422,17 @@ def plot_metrics(results: list[dict], path: str | os.PathLike) -> None:
             ax.plot(
                 ks, [r["metrics"][m][x] for x in ks], "-o", ms=3, color=color, label=r["target"]
             )
-            if not shared or j == 0:
+            if shared and j > 0:
+                continue
+            for base, style, gray, name in _BASELINES:
                 ax.plot(
                     ks,
-                    [r["random"][m][x] for x in ks],
-                    "--",
-                    color="gray" if shared else color,
+                    [r[base][m][x] for x in ks],
+                    style,
+                    color=gray if shared else color,
                     alpha=0.7,
-                    label="random" if shared else f"{r['target']} random",
+                    label=name if shared else f"{r['target']} {name}",
                 )
-                if "prior" in r:
-                    ax.plot(
-                        ks,
-                        [r["prior"][m][x] for x in ks],
-                        ":",
-                        color="black" if shared else color,
-                        alpha=0.7,
-                        label="label prior" if shared else f"{r['target']} label prior",
-                    )
         ax.set_title(title)
         ax.set_xlabel("K")
         ax.grid(alpha=0.3)
