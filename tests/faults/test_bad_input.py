@@ -414,26 +414,11 @@ def huge_main(cfg: dict) -> dict:
 
 
 def dicom_bytes(pixels: np.ndarray, **tags: Any) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+    """A Secondary Capture DICOM of ``pixels`` with ``tags`` set over it (the
+    crafted-DICOM builder of the decode tests)."""
+    from tests.nodes.test_decode import _dicom_bytes
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.7"
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, "1.2.826.0.1.3680043.2.1125.7"
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
-    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
-    ds.PixelData = pixels.tobytes()
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return _dicom_bytes(pixels, **tags)
 
 
 def png_header(width: int, height: int, color: int = 0) -> bytes:
