@@ -257,7 +257,9 @@ class LazyExecutor(Executor):
             self._ex.close()
 
 
-def tls_security(ca_file: str | None, cert: str | None, key: str | None = None) -> Any:
+def tls_security(
+    ca_file: str | None = None, cert: str | None = None, key: str | None = None
+) -> Any:
     """dask's ``Security`` for a ``tls://`` scheduler from PEM files (None: none given,
     dask's own configuration applies)."""
     if not (ca_file or cert or key):

@@ -266,7 +266,7 @@ class Workspace:
                 lazy=True,
                 on_start=started,
                 threads_below=self.project.threads_below,
-                **_security(tls_security, {**self.project.tls, **(tls or {})}),
+                security=tls_security(**{**self.project.tls, **(tls or {})}),
             )
         kw = dict(retry_failed=retry_failed, fail_fast=fail_fast, progress=progress, log=log)
         try:
@@ -552,9 +552,3 @@ def dumps(obj: Any) -> str:
 
 
 __all__ += ["FlowError", "status_rows"]
-
-
-def _security(make: Any, tls: dict) -> dict:
-    """``security=`` for a Dask executor from [build.tls] / --tls-* (nothing if unset)."""
-    sec = make(tls.get("ca_file"), tls.get("cert"), tls.get("key"))
-    return {} if sec is None else {"security": sec}
