@@ -167,9 +167,6 @@ class StatCache:
             self._row = dict(zip(self._paths, range(len(self._paths)), strict=True))
         return self._row
 
-    def lookup(self, rel: str, st: FileStat, now_ns: int) -> bytes | None:
-        return self.lookup_many([rel], [st], now_ns)[0]
-
     def lookup_many(
         self, rels: Sequence[str], stats: Sequence[FileStat], now_ns: int
     ) -> list[bytes | None]:
