@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -70,17 +69,17 @@ def _targets(values: tuple[str, ...]) -> list[str] | str:
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 @click.option(
     "--tls-ca-file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
     help="For a tls:// scheduler: the CA certificate (PEM); overrides [build.tls] ca_file.",
 )
 @click.option(
     "--tls-cert",
-    type=click.Path(exists=True, dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
     help="For a tls:// scheduler: this client's certificate (PEM).",
 )
 @click.option(
     "--tls-key",
-    type=click.Path(exists=True, dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
     help="For a tls:// scheduler: the certificate's key, if not in --tls-cert.",
 )
 @pass_ctx
@@ -127,7 +126,7 @@ def build(
             scheduler=scheduler,
             workers=workers,
             tls={
-                k: str(Path(v).resolve())
+                k: v
                 for k, v in (("ca_file", tls_ca_file), ("cert", tls_cert), ("key", tls_key))
                 if v
             },
