@@ -73,6 +73,10 @@ kind = "cnn"
 size = 64
 # [targets.cnn.embedder]
 # epochs = 80            # training epochs (defaults: dim 64, width 32)
+# vectors = "findings"   # index the head's finding probabilities, ranked by inner
+#                        # product (expected shared findings); "embedding": the
+#                        # metric embedding, by cosine
+# augment = false        # affine warp + intensity jitter while training
 
 [targets.bovw]
 kind = "bovw"

@@ -49,6 +49,40 @@ def network(dim: int, width: int, size: int):
     return nn.Sequential(layers)
 
 
+def findings_model(net, head):
+    """``net`` followed by its multi-label ``head``, exported as database-form
+    *findings vectors*: the finding probabilities ``p = sigmoid(head(net(x)))``
+    (L labels) with one more coordinate ``sqrt(L - |p|^2)``, all over
+    ``sqrt(L)``.  Every such vector has length 1, and a query vector with its
+    last coordinate set to 0 ranks them by cosine exactly as by the inner
+    product ``p_q . p_r`` -- the expected number of findings two images share
+    if ``p`` are the findings' probabilities (the maximum-inner-product to
+    cosine reduction, with the constant bound ``L`` on ``|p|^2``, so it holds
+    across index segments built at different times)."""
+    import torch
+    from torch import nn
+
+    class FindingsNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.head = net, head
+
+        def forward(self, x):
+            p = torch.sigmoid(self.head(self.net(x)))
+            n = float(p.shape[1])
+            rest = torch.sqrt(torch.clamp(n - (p * p).sum(1, keepdim=True), min=0.0))
+            return torch.cat([p, rest], 1) / (n**0.5)
+
+    return FindingsNet()
+
+
+def query_form(vectors: np.ndarray) -> np.ndarray:
+    """Database-form findings vectors (rows) as queries: the last coordinate 0."""
+    q = np.array(vectors, dtype=np.float32, copy=True)
+    q[..., -1] = 0
+    return q
+
+
 def width_of(state_dict: dict) -> int:
     """The ``width`` a state_dict of :func:`network` was made with."""
     w = state_dict.get("stem.weight")
@@ -172,6 +206,9 @@ def trained_network(
 ) -> tuple:
     """Train :func:`network` on ``images`` (N x S x S float32 in [0, 1]) with
     multi-hot ``labels`` (N x L bool); returns ``(state_dict, final_loss)``.
+    With ``cls_weight`` > 0 the state_dict also holds the multi-label head
+    (``head.weight``, ``head.bias``: a linear layer from the embedding to the
+    L label logits).
 
     The pair loss works on the L2-normalized embeddings of a batch, with label
     similarity the Jaccard index of two items' label sets:
@@ -180,8 +217,9 @@ def trained_network(
       difference between the cosine of each pair and its label similarity;
     * ``"ms"``: multi-similarity (positives share a label, negatives none).
 
-    ``cls_weight`` > 0 adds a multi-label BCE of a cosine classifier on the
-    embedding.  AdamW, a linear warm-up and a cosine schedule.  Deterministic
+    ``cls_weight`` > 0 adds ``cls_weight`` times the multi-label binary
+    cross-entropy of the head (a linear layer on the embedding before its
+    normalization).  AdamW, a linear warm-up and a cosine schedule.  Deterministic
     for a given ``seed`` and ``threads`` on a given CPU kind.
     """
     import torch
@@ -219,7 +257,8 @@ def trained_network(
                 if augment:
                     with torch.no_grad():
                         x = _augmented(x, gen, shift=0.06, rotate=8.0, scale=0.08, jitter=0.15)
-                emb = F.normalize(net(x.contiguous(memory_format=torch.channels_last)), dim=1)
+                raw = net(x.contiguous(memory_format=torch.channels_last))
+                emb = F.normalize(raw, dim=1)
                 target = similarity[ix][:, ix]
                 if loss == "ms":
                     value = _ms_loss(emb, target, alpha=2.0, beta=50.0, base=0.5, margin=margin)
@@ -227,9 +266,8 @@ def trained_network(
                     off = ~torch.eye(len(ix), dtype=torch.bool)
                     value = ((emb @ emb.T - target) ** 2)[off].mean()
                 if cls_weight > 0:
-                    logits = 16.0 * emb @ F.normalize(head.weight, dim=1).T + head.bias
                     value = value + cls_weight * F.binary_cross_entropy_with_logits(
-                        logits, y_all[ix]
+                        head(raw), y_all[ix]
                     )
                 opt.zero_grad(set_to_none=True)
                 value.backward()
@@ -237,18 +275,42 @@ def trained_network(
                 sched.step()
                 losses.append(float(value.detach()))
         tail = losses[-steps_per_epoch:] or [float("nan")]
-        state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+        parts = {"": net} | ({"head.": head} if cls_weight > 0 else {})
+        state = {
+            prefix + k: v.detach().contiguous().clone()
+            for prefix, module in parts.items()
+            for k, v in module.state_dict().items()
+        }
         return state, float(np.mean(tail))
 
 
-def onnx_bytes(state_dict: dict, *, dim: int, size: int, threads: int = 1) -> bytes:
+def split_head(state_dict: dict) -> tuple[dict, dict]:
+    """A state_dict as (the network's entries, the multi-label head's entries)."""
+    head = {k[5:]: v for k, v in state_dict.items() if k.startswith("head.")}
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}, head
+
+
+def onnx_bytes(
+    state_dict: dict, *, dim: int, size: int, findings: bool = False, threads: int = 1
+) -> bytes:
     """The network with ``state_dict`` exported to ONNX (batch axis dynamic),
-    with the legacy TorchScript exporter: same weights, same bytes."""
+    with the legacy TorchScript exporter: same weights, same bytes.
+
+    ``findings=True`` exports the network with its head as findings vectors
+    (:func:`findings_model`; the state_dict must hold ``head.*``), otherwise
+    the embedding (a head in the state_dict is left out)."""
     import torch
 
     with _pinned_torch(threads):
-        net = network(dim, width_of(state_dict), size)
-        net.load_state_dict(state_dict)
+        body, head_state = split_head(state_dict)
+        net = network(dim, width_of(body), size)
+        net.load_state_dict(body)
+        if findings:
+            if not head_state:
+                raise ValueError("findings vectors need the network's head (head.weight)")
+            head = torch.nn.Linear(dim, head_state["weight"].shape[0])
+            head.load_state_dict(head_state)
+            net = findings_model(net, head)
         net.eval()
         buf = io.BytesIO()
         with warnings.catch_warnings():

@@ -141,6 +141,7 @@ class Retriever:
         self.chain = value["query"]
         self.vector_steps: list[str] = value["vectors"]
         self._nodes: dict[str, Any] = {}
+        self._mips: set[str] | None = None
 
     @classmethod
     def open(cls, store: Any, name: str) -> Retriever:
@@ -217,6 +218,31 @@ class Retriever:
             values[entry["step"]] = canonical_output(out, node=n.name, allow_blobs=False)
         return values
 
+    def _mips_steps(self) -> set[str]:
+        """Chain steps whose vectors are searched by inner product: those whose
+        fit object (the embedder) says ``"query": "mips"``.  Their stored
+        vectors are in database form; a query takes ``_cnn.query_form``."""
+        if self._mips is None:
+            self._mips = set()
+            for entry in self.chain:
+                for w in entry["wires"]:
+                    if w[0] == "object":
+                        obj = self._object(w[1], w[2])
+                        if isinstance(obj, dict) and obj.get("query") == "mips":
+                            self._mips.add(entry["step"])
+        return self._mips
+
+    def _query_vectors(self, vecs: list[np.ndarray]) -> list[np.ndarray]:
+        mips = self._mips_steps()
+        if not mips:
+            return vecs
+        from nodes._cnn import query_form
+
+        return [
+            query_form(v) if step in mips else v
+            for v, step in zip(vecs, self.vector_steps, strict=True)
+        ]
+
     def _local_exclude(self, exclude: Any, seg: int) -> Any:
         """Global row exclusions (one set per query) as one segment's local rows."""
         if exclude is None:
@@ -237,6 +263,7 @@ class Retriever:
         segment; results are global rows, best first (``-1``/inf pad)."""
         from nodes.index import merge_results
 
+        vecs = self._query_vectors([np.asarray(v) for v in vecs])
         n = len(vecs[0])
         live = [j for j, seg in enumerate(self.segments) if seg.searcher is not None]
         if not live:

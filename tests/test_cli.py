@@ -115,17 +115,27 @@ def test_nothing_changed_computes_nothing(project):
 
 def test_query_every_target(project):
     probe = next((project / "images").rglob("*.dcm"))
-    for target in ("cnn", "bovw", "codes"):
+    own = None
+    for target in ("bovw", "cnn", "codes"):
         doc = run_json(project, "query", str(probe), "--target", target, "-k", "5")
         res = doc["results"]
         assert len(res) == 5
         assert [r["rank"] for r in res] == [1, 2, 3, 4, 5]
         assert all(a["distance"] <= b["distance"] + 1e-6 for a, b in itertools.pairwise(res))
         assert all(r["labels"] for r in res)
-        # the probe is in the database: it finds itself first, at distance ~0
-        assert res[0]["id"] == str(probe.relative_to(project)), (target, res[0])
-    out = run(project, "query", str(project / "png" / "p0.png"), "-t", "cnn", "-k", "3")
+        if target == "bovw":
+            # the probe is in the database: by cosine it finds itself first, at distance ~0
+            assert res[0]["id"] == str(probe.relative_to(project)), (target, res[0])
+            assert res[0]["distance"] < 1e-5
+            own = set(res[0]["labels"])
+        else:
+            # findings vectors rank by expected shared findings (an inner product), so
+            # the probe itself need not come first, but the top result shares a finding
+            assert own & set(res[0]["labels"]), (target, own, res[0])
+    out = run(project, "query", str(project / "png" / "p0.png"), "-t", "bovw", "-k", "3")
     assert "rank" in out and "png/p0.png" in out
+    out = run(project, "query", str(project / "png" / "p0.png"), "-t", "cnn", "-k", "3")
+    assert "rank" in out and len(out.strip().splitlines()) == 5  # header, rule, 3 hits
 
 
 def test_query_montage(project, tmp_path):
@@ -179,9 +189,13 @@ def test_a_copied_file_computes_nothing_but_is_indexed(project):
     doc = run_json(project, "build")
     assert all(v["computed"] == 0 for k, v in doc["steps"].items() if "." not in k), doc["steps"]
     assert [s["count"] for s in doc["refs"]["cnn"]] == [52, 5, 1]  # one more segment
-    res = run_json(project, "query", str(src), "-t", "cnn", "-k", "2")["results"]
+    res = run_json(project, "query", str(src), "-t", "bovw", "-k", "2")["results"]
     assert {r["id"] for r in res} == {str(src.relative_to(project)), "copies/same.dcm"}
     assert res[1]["distance"] == pytest.approx(0.0, abs=1e-6)
+    # cnn (findings vectors, inner product): the copy's vector is the original's
+    res = run_json(project, "query", str(src), "-t", "cnn", "-k", "58")["results"]
+    dist = {r["id"]: r["distance"] for r in res}
+    assert len(res) == 58 and dist["copies/same.dcm"] == dist[str(src.relative_to(project))]
 
 
 def test_broken_files_are_reported_and_the_build_finishes(project):

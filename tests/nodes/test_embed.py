@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from flow import Blob, ItemError, Items, key
+from nodes._cnn import query_form
 from nodes.embed import embed_one, embedder, embedder_from_weights, embedding
 from nodes.metrics import label_matrix, random_rankings, retrieval_metrics
 
@@ -22,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / ".." / "shared" / "data"
 
 SIZE = 32
-TINY = {"dim": 16, "width": 8, "epochs": 2, "batch_size": 16}
+TINY = {"dim": 16, "width": 8, "epochs": 2, "batch_size": 16, "vectors": "embedding"}
+FINDINGS = {**TINY, "vectors": "findings"}
 
 
 def _items(values, prefix="img") -> Items:
@@ -53,6 +55,12 @@ def tiny():
     return embedder(_items(images), _items(labels), **TINY)
 
 
+@pytest.fixture(scope="module")
+def findings():
+    images, labels = _two_class(48, seed=1)
+    return embedder(_items(images), _items(labels), **FINDINGS)
+
+
 def _model(fit) -> bytes:
     return fit["model"].data
 
@@ -71,6 +79,41 @@ def test_embedder_output_structure(tiny):
     s = ort.InferenceSession(_model(tiny), providers=["CPUExecutionProvider"])
     out = s.run(None, {s.get_inputs()[0].name: np.zeros((3, 1, SIZE, SIZE), np.float32)})[0]
     assert out.shape == (3, 16)
+    assert tiny["vectors"] == "embedding" and tiny["query"] == "same"
+
+
+def test_findings_vectors_rank_by_expected_shared_findings(findings):
+    """The default output: finding probabilities in database form (unit length,
+    one extra coordinate); a query in query form ranks by cosine exactly as by
+    the inner product of the probabilities."""
+    from nodes._cnn import query_form
+
+    assert findings["vectors"] == "findings" and findings["query"] == "mips"
+    assert findings["dim"] == 3 and findings["labels"] == ("a", "b")  # 2 findings + 1
+    images, _ = _two_class(30, seed=11)
+    v = np.stack(embedding(images, findings)).astype(np.float64)
+    assert v.shape == (30, 3)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-6)
+    p = v[:, :2] * np.sqrt(2)  # the probabilities
+    assert (p >= 0).all() and (p <= 1 + 1e-6).all()
+    q = query_form(v[:5]).astype(np.float64)
+    assert (q[:, -1] == 0).all() and (v[:5, -1] > 0).all()  # the stored vector is untouched
+    cos = (q @ v.T) / np.linalg.norm(q, axis=1, keepdims=True)
+    dot = p[:5] @ p.T
+    norms = np.linalg.norm(p[:5], axis=1, keepdims=True)
+    np.testing.assert_allclose(cos, dot / (np.sqrt(2) * norms), atol=1e-5)
+    for i in range(5):
+        assert list(np.argsort(-cos[i], kind="stable")[:10]) == list(
+            np.argsort(-dot[i], kind="stable")[:10]
+        )
+
+
+def test_findings_need_the_head():
+    images, labels = _two_class(8, seed=12)
+    with pytest.raises(ValueError, match="cls_weight > 0"):
+        embedder(_items(images), _items(labels), **{**FINDINGS, "cls_weight": 0})
+    with pytest.raises(ValueError, match="vectors must be one of"):
+        embedder(_items(images), _items(labels), **{**FINDINGS, "vectors": "logits"})
 
 
 def test_embedder_is_deterministic_in_process(tiny):
@@ -142,10 +185,11 @@ def test_embedder_rejects_bad_training_sets():
 
 def test_easy_two_class_problem_retrieves_same_class():
     images, labels = _two_class(96, seed=5)
-    fit = embedder(_items(images), _items(labels), dim=16, width=8, epochs=8, batch_size=32, seed=0)
+    # findings vectors (the default): the head needs more steps than the embedding
+    fit = embedder(_items(images), _items(labels), dim=16, width=8, epochs=20, batch_size=32)
     queries, qlabels = _two_class(40, seed=6)
     db = np.stack(embedding(images, fit))
-    q = np.stack(embedding(queries, fit))
+    q = query_form(np.stack(embedding(queries, fit)))
     rankings = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :5]
     vocab = ["a", "b"]
     m = retrieval_metrics(label_matrix(qlabels, vocab)[0], label_matrix(labels, vocab)[0],
@@ -282,7 +326,7 @@ def test_nih_dev_quick_embedder_beats_random():
     queries, qlabels = _nih("val")
     # a shorter schedule and narrower net than the defaults (about 20 s)
     fit = embedder(_items(images), _items(labels), width=24, epochs=40)
-    db, q = np.stack(embedding(images, fit)), np.stack(embedding(queries, fit))
+    db, q = np.stack(embedding(images, fit)), query_form(np.stack(embedding(queries, fit)))
     vocab = sorted({lab for labs in labels + qlabels for lab in labs})
     qm, dm = label_matrix(qlabels, vocab)[0], label_matrix(labels, vocab)[0]
     rankings = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :10]
