@@ -73,6 +73,8 @@ kind = "cnn"
 size = 64
 # [targets.cnn.embedder]
 # epochs = 80            # training epochs (defaults: dim 64, width 32)
+# batch_size = 64        # with only a few hundred training images, 16-32 gives the
+#                        # findings head enough steps
 # vectors = "findings"   # index the head's finding probabilities, ranked by inner
 #                        # product (expected shared findings); "embedding": the
 #                        # metric embedding, by cosine
@@ -137,6 +139,7 @@ kind = "cnn"
 size = 64
 [targets.cnn.embedder]
 epochs = {epochs}
+batch_size = 16    # 150 training images: more, smaller steps for the findings head
 
 [targets.bovw]
 kind = "bovw"
