@@ -70,7 +70,10 @@ def scan_folder(
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
     wanted = _matcher(include, exclude, extensionless)
-    found: list[tuple[str, FileStat]] = []
+    suffixes = _suffixes_only(include, exclude, extensionless)
+    inside = root + os.sep
+    rels: list[str] = []
+    stats: list[FileStat] = []
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -79,27 +82,50 @@ def scan_folder(
             entries = list(os.scandir(full_dir))
         except OSError:
             continue
+        pre = f"{rel_dir}/" if rel_dir else ""
+        files: list[os.DirEntry] = []
         for e in entries:
             name = e.name
             if name[0] == ".":
                 continue
-            rel = f"{rel_dir}/{name}" if rel_dir else name
             try:
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
-                    if not (target == root or target.startswith(root + os.sep)):
+                    if not (target == root or target.startswith(inside)):
                         continue  # never follow a link out of the source root
-                if e.is_dir():
-                    stack.append(rel)
-                    continue
-                if not wanted(name, rel) or not e.is_file():
-                    continue
-                st = e.stat()
+                if e.is_dir():  # d_type: no system call unless a link
+                    stack.append(pre + name)
+                else:
+                    files.append(e)
             except OSError:
                 continue
-            found.append((rel, FileStat(st.st_size, st.st_mtime_ns, st.st_ino)))
-    found.sort()
-    return [f[0] for f in found], [f[1] for f in found]
+        if suffixes is not None:  # the common patterns (*.dcm, *.png...): one pass
+            files = [e for e in files if e.name.endswith(suffixes)]
+        else:
+            files = [e for e in files if wanted(e.name, pre + e.name)]
+        try:
+            sts = [(e.name, e.stat()) for e in files if e.is_file()]
+        except OSError:  # a file went away under the scan: one by one
+            sts = []
+            for e in files:
+                try:
+                    if e.is_file():
+                        sts.append((e.name, e.stat()))
+                except OSError:
+                    continue
+        rels += [pre + name for name, _ in sts] if pre else [name for name, _ in sts]
+        stats += [FileStat(st.st_size, st.st_mtime_ns, st.st_ino) for _, st in sts]
+    order = sorted(range(len(rels)), key=rels.__getitem__)
+    return [rels[i] for i in order], [stats[i] for i in order]
+
+
+def _suffixes_only(include: Sequence[str], exclude: Sequence[str], bare: bool):
+    """The suffixes if the patterns are only ``*.ext`` includes (else None)."""
+    if exclude or bare or not include:
+        return None
+    if not all(p.startswith("*.") and not _magic(p[2:]) for p in include):
+        return None
+    return tuple(p[1:] for p in include)
 
 
 def _matcher(include: Sequence[str], exclude: Sequence[str], bare: bool):
@@ -179,8 +205,11 @@ class StatCache:
         st = np.fromiter(chain.from_iterable(stats), np.int64, 3 * n).reshape(n, 3)
         old_enough = (now_ns - st[:, 1]) >= _RECENT_NS
         if self._paths:
-            rows = self._rows()
-            idx = np.fromiter((rows.get(r, -1) for r in rels), np.int64, n)
+            if len(rels) == len(self._paths) and rels == self._paths:
+                idx = np.arange(n, dtype=np.int64)  # the same files as last time: no dict
+            else:
+                rows = self._rows()
+                idx = np.fromiter((rows.get(r, -1) for r in rels), np.int64, n)
             hit = (idx >= 0) & old_enough
             hit &= (self._meta[np.where(idx >= 0, idx, 0)] == st).all(axis=1)
             where = np.flatnonzero(hit)
@@ -201,6 +230,8 @@ class StatCache:
         self._dirty = True
 
     def prune(self, keep: Iterable[str]) -> None:
+        if not self._new and not self._drop and keep == self._paths:
+            return  # the same files as the cache holds: nothing to drop
         keep = set(keep)
         gone = [p for p in self._paths if p not in keep and p not in self._drop]
         gone += [p for p in self._new if p not in keep]

@@ -7,7 +7,7 @@ import os
 import time
 
 from flow.keys import file_key
-from flow.sources import StatCache, file_keys, scan_folder
+from flow.sources import DEFAULT_INCLUDE, StatCache, file_keys, scan_folder
 from store import open_store
 
 OLD = time.time() - 3600
@@ -71,3 +71,99 @@ def test_a_damaged_stat_cache_starts_over(tmp_path):
     store.put(StatCache(store, str(root)).path, b"not an npz")
     keys, hashed = _keys(root, store)
     assert hashed == 1 and keys["a.bin"] == bytes(file_key(root / "a.bin"))
+
+
+def _reference_scan(root, include, exclude=(), extensionless=False):
+    """The scan as first written (one entry at a time): the new one must agree."""
+    from flow.sources import FileStat, _matcher
+
+    root = os.path.realpath(root)
+    wanted = _matcher(include, exclude, extensionless)
+    found, stack = [], [""]
+    while stack:
+        rel_dir = stack.pop()
+        for e in os.scandir(os.path.join(root, rel_dir) if rel_dir else root):
+            name = e.name
+            if name[0] == ".":
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                if e.is_symlink():
+                    target = os.path.realpath(e.path)
+                    if not (target == root or target.startswith(root + os.sep)):
+                        continue
+                if e.is_dir():
+                    stack.append(rel)
+                    continue
+                if not wanted(name, rel) or not e.is_file():
+                    continue
+                st = e.stat()
+            except OSError:
+                continue
+            found.append((rel, FileStat(st.st_size, st.st_mtime_ns, st.st_ino)))
+    found.sort()
+    return [f[0] for f in found], [f[1] for f in found]
+
+
+def test_scan_agrees_with_the_one_entry_at_a_time_scan(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for d in ("a", "a/b", "a-b", ".hidden", "c"):
+        (root / d).mkdir(parents=True)
+    outside.mkdir()
+    for rel in (
+        "x.png",
+        "x.PNG",
+        "a.dcm",
+        "a/y.dcm",
+        "a/b/z.jpg",
+        "a-b/w.png",
+        "a0.png",
+        "IM0001",
+        "a/IM0002",
+        "notes.txt",
+        ".secret.png",
+        ".hidden/h.png",
+        "c/keep.dcm",
+        "c/skip.dcm",
+    ):
+        (root / rel).write_bytes(rel.encode())
+    (outside / "o.png").write_bytes(b"o")
+    (root / "in.png").symlink_to(root / "x.png")  # inside the root: followed
+    (root / "c2").symlink_to(root / "c")  # a folder inside: followed
+    (root / "out.png").symlink_to(outside / "o.png")  # outside: never followed
+    (root / "outdir").symlink_to(outside)
+    (root / "dangling.png").symlink_to(root / "nothing.png")
+    os.mkfifo(root / "pipe.png")  # not a regular file
+    cases = [
+        {"include": DEFAULT_INCLUDE},
+        {"include": ("*.png",)},
+        {"include": ("*.dcm", "a/*"), "exclude": ("c/skip.*",)},
+        {"include": ("*.dcm",), "extensionless": True},
+        {"include": ("x.*", "*.jp?g")},
+        {"include": ("*.png",), "exclude": ("a*",)},
+    ]
+    for case in cases:
+        got = scan_folder(root, **case)
+        assert got == _reference_scan(root, **case), case
+        assert got[0] == sorted(got[0])
+    rels, _ = scan_folder(root, include=("*.png",))
+    assert "in.png" in rels and "out.png" not in rels and "pipe.png" not in rels
+    assert ".secret.png" not in rels and "a-b/w.png" in rels
+
+
+def test_the_stat_cache_fast_path_sees_a_changed_file(tmp_path):
+    """Same file list as the cache: compared row by row, still by size/mtime/inode."""
+    store = open_store(tmp_path / "store")
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(5):
+        _write(root / f"f{i}.bin", bytes([i]) * 10)
+    keys, hashed = _keys(root, store)
+    assert hashed == 5
+    _write(root / "f3.bin", b"changed!!!", OLD + 10)  # same size, another mtime
+    keys2, hashed = _keys(root, store)
+    assert hashed == 1 and keys2["f3.bin"] == file_key(root / "f3.bin") != keys["f3.bin"]
+    assert {k: v for k, v in keys2.items() if k != "f3.bin"} == {
+        k: v for k, v in keys.items() if k != "f3.bin"
+    }
+    assert _keys(root, store) == (keys2, 0)
