@@ -4,7 +4,11 @@
 arguments: no store, no Dask, no files.  The store side hands it plain
 lookups (recipe key -> content key) that it prepared beforehand, so the
 planner can be tested with dicts and re-run cheaply after every phase of a
-build.
+build.  One exception, a cache only: a catalog from the store carries a
+:class:`store.catalog.RecipeMemo`, which remembers a step's derived recipe
+keys under a BLAKE3 digest of all their hash inputs; the planner reuses them
+when that digest is the same (a no-op of a million items then hashes one
+buffer per step instead of a million keys) and hands the memo new ones.
 
 For each item step the planner walks the items in order and derives each
 recipe key from the content keys of the item's inputs (early cutoff: a
@@ -49,7 +53,7 @@ import numpy as np
 from blake3 import blake3
 
 from flow.graph import Graph, Step, toposort
-from flow.keys import _ITEM_DOMAIN, KEY_SIZE, item_key, items_key
+from flow.keys import _ITEM_DOMAIN, _ITEMS_DOMAIN, KEY_SIZE, item_key, items_key
 
 __all__ = [
     "ItemTable",
@@ -129,6 +133,45 @@ class ItemTable:
         return len(self.ids)
 
 
+class KeyList(Sequence):
+    """Keys of a step's items (every one known), held as an ``n x KEY_SIZE`` array.
+
+    Reads like the list it stands for (indexing, iteration, ``==`` with a list);
+    the ``bytes`` objects are only made when first read.  A no-op plan of a
+    million items reads none of them.
+    """
+
+    __slots__ = ("_keys", "_list")
+
+    def __init__(self, keys: np.ndarray):
+        self._keys = keys
+        self._list: list[bytes | None] | None = None
+
+    def tolist(self) -> list[bytes | None]:
+        if self._list is None:
+            self._list = _split(self._keys.tobytes(), KEY_SIZE)  # type: ignore[assignment]
+        return self._list  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.tolist()[i]
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeyList):
+            other = other.tolist()
+        return isinstance(other, list) and self.tolist() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.tolist())
+
+
 @dataclass
 class StepPlan:
     """The state of one step: per item for item steps, one entry for set steps."""
@@ -136,11 +179,13 @@ class StepPlan:
     name: str
     kind: str
     status: np.ndarray  # int8 Status per item (one entry for set steps)
-    rkeys: list[bytes | None]
-    ckeys: list[bytes | None]
+    rkeys: Sequence[bytes | None]  # a list or a KeyList
+    ckeys: Sequence[bytes | None]
     reasons: list[str | None]
     excluded: int = 0  # set steps: input items left out (failed or blocked)
     members: dict[str, list[int]] = field(default_factory=dict)  # set steps: rows per input
+    # the content keys as an n x KEY_SIZE array (zeros where unknown), for the next steps
+    _ckm: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def count(self, status: Status) -> int:
         return int(np.count_nonzero(np.asarray(self.status) == status))
@@ -211,6 +256,95 @@ _BAD = (FAILED, BLOCKED)
 _WAIT = (MISSING, PENDING)
 
 
+_MEMO_DOMAIN = b"flow-plan-memo-v1\x00"
+_NO_KEY = bytes(KEY_SIZE)
+
+
+def _key_matrix(sp: StepPlan) -> np.ndarray | None:
+    """The content keys of a step as an ``n x KEY_SIZE`` array (zeros where unknown);
+    None if a key is not ``KEY_SIZE`` bytes."""
+    if sp._ckm is None:
+        raw = b"".join(_NO_KEY if k is None else k for k in sp.ckeys)
+        if len(raw) != KEY_SIZE * len(sp.ckeys):
+            return None
+        sp._ckm = np.frombuffer(raw, np.uint8).reshape(-1, KEY_SIZE)
+    return sp._ckm
+
+
+def _split(raw: bytes, width: int) -> list[bytes]:
+    return [raw[o : o + width] for o in range(0, len(raw), width)]
+
+
+def _recipe_keys(step: Step, ready: np.ndarray, done: dict[str, StepPlan], memo: Any) -> bytes:
+    """The recipe keys of the ``ready`` items, concatenated: ``item_key(prefix, inputs)``
+    of each (inlined), or remembered by ``memo`` for exactly the same hash inputs."""
+    base = _ITEM_DOMAIN + bytes(step.prefix)
+    r = len(ready)
+    parts: list[np.ndarray] | None = [
+        np.broadcast_to(np.frombuffer(base, np.uint8), (r, len(base)))
+    ]
+    for inp in step.inputs:
+        up = done[inp.step]
+        if inp.mode == "one":
+            k = up.ckeys[0]
+            if k is None or len(k) != KEY_SIZE:
+                parts = None
+                break
+            parts.append(np.broadcast_to(np.frombuffer(k, np.uint8), (r, KEY_SIZE)))  # type: ignore[union-attr]
+        else:
+            m = _key_matrix(up)
+            if m is None:
+                parts = None
+                break
+            parts.append(m[ready])  # type: ignore[union-attr]
+    if parts is None:  # keys of another size (only hand-made item tables): one by one
+        out = []
+        for i in ready.tolist():
+            buf = base
+            for inp in step.inputs:
+                up = done[inp.step]
+                buf += up.ckeys[0] if inp.mode == "one" else up.ckeys[i]  # type: ignore[operator]
+            out.append(blake3(buf).digest(KEY_SIZE))
+        return b"".join(out)
+    raw = np.concatenate(parts, axis=1).tobytes()
+    w = len(raw) // r
+    token = b""
+    if memo is not None:
+        token = blake3(_MEMO_DOMAIN + w.to_bytes(4, "little") + raw).digest()
+        hit = memo.get(step.name, token, r)
+        if hit is not None:
+            return hit
+    keys = b"".join([blake3(raw[o : o + w]).digest(KEY_SIZE) for o in range(0, len(raw), w)])
+    if memo is not None:
+        memo.put(step.name, token, keys)
+    return keys
+
+
+def _lookup(catalog: Any, rkm: np.ndarray) -> tuple[np.ndarray, Any]:
+    """Rows of the recipe keys in a catalog (-1: not stored), and a getter of content keys."""
+    if hasattr(catalog, "lookup_many"):
+        return catalog.lookup_many(rkm), catalog.ckeys_of
+    index = catalog.index
+    rows = np.fromiter(
+        (index.get(k, -1) for k in _split(rkm.tobytes(), KEY_SIZE)), np.int64, len(rkm)
+    )
+
+    def ckeys_of(rows: np.ndarray) -> np.ndarray:
+        raw = b"".join([catalog.ckey(int(row)) for row in rows.tolist()])
+        return np.frombuffer(raw, np.uint8).reshape(-1, KEY_SIZE)
+
+    return rows, ckeys_of
+
+
+def _failed(catalog: Any, rkm: np.ndarray) -> np.ndarray:
+    if hasattr(catalog, "failed_many"):
+        return np.asarray(catalog.failed_many(rkm), bool)
+    failed = catalog.failed
+    if not failed:
+        return np.zeros(len(rkm), bool)
+    return np.fromiter((k in failed for k in _split(rkm.tobytes(), KEY_SIZE)), bool, len(rkm))
+
+
 def _plan_item_step(
     step: Step,
     n: int,
@@ -219,22 +353,18 @@ def _plan_item_step(
     retry_failed: bool,
     reasons: bool,
 ) -> StepPlan:
-    base = _ITEM_DOMAIN + bytes(step.prefix)  # item_key(prefix, inputs), inlined
     ins = [done[i.step] for i in step.inputs]
     blocked = np.zeros(n, bool)
     pending = np.zeros(n, bool)
-    cols: list[Any] = []
     for up, inp in zip(ins, step.inputs):
         if inp.mode == "one":
             s = up.status[0]
             blocked |= s in _BAD
             pending |= s in _WAIT
-            cols.append(None if s != Status.FRESH else up.ckeys[0])
         else:
             s = np.asarray(up.status)
             blocked |= np.isin(s, _BAD)
             pending |= np.isin(s, _WAIT)
-            cols.append(up.ckeys)
     status = np.zeros(n, np.int8)
     status[blocked] = Status.BLOCKED
     waiting = pending & ~blocked
@@ -244,42 +374,58 @@ def _plan_item_step(
         why[i] = "input changed"
     rkeys: list[bytes | None] = [None] * n
     ckeys: list[bytes | None] = [None] * n
-    ready = np.flatnonzero(~(blocked | pending)).tolist()
-    if not ready:
+    ready = np.flatnonzero(~(blocked | pending))
+    r = len(ready)
+    if not r:
         return StepPlan(step.name, "item", status, rkeys, ckeys, why)
-    if len(step.inputs) == 1 and step.inputs[0].mode != "one":
-        col = cols[0]
-        rks = [blake3(base + col[i]).digest(KEY_SIZE) for i in ready]
+    memo = getattr(catalog, "recipes", None)
+    rraw = _recipe_keys(step, ready, done, memo)
+    rkm = np.frombuffer(rraw, np.uint8).reshape(r, KEY_SIZE)
+    if r == n:
+        rkeys = KeyList(rkm)  # type: ignore[assignment]
     else:
-        wires = [(c, inp.mode == "one") for c, inp in zip(cols, step.inputs)]
-        rks = []
-        for i in ready:
-            buf = base
-            for c, one in wires:
-                buf += c if one else c[i]
-            rks.append(blake3(buf).digest(KEY_SIZE))
-    index = catalog.index if catalog is not None else {}
-    failed = catalog.failed if catalog is not None else {}
-    for i, rk in zip(ready, rks):
-        rkeys[i] = rk
-        row = index.get(rk)
-        if row is not None:
-            ckeys[i] = catalog.ckey(row)  # type: ignore[union-attr]
-        elif rk in failed and not retry_failed:
-            status[i] = FAILED
+        for i, k in zip(ready.tolist(), _split(rraw, KEY_SIZE)):
+            rkeys[i] = k
+    ckm = np.zeros((n, KEY_SIZE), np.uint8)
+    if catalog is not None:
+        rows, ckeys_of = _lookup(catalog, rkm)
+        found = rows >= 0
+    else:
+        found = np.zeros(r, bool)
+    fresh = ready[found]
+    if len(fresh):
+        ckm[fresh] = ckeys_of(rows[found])
+        if len(fresh) == n:
+            ckeys = KeyList(ckm)  # type: ignore[assignment]
         else:
-            status[i] = MISSING
-            if rk in failed:
+            for i, k in zip(fresh.tolist(), _split(ckm[fresh].tobytes(), KEY_SIZE)):
+                ckeys[i] = k
+    lost = np.flatnonzero(~found)  # positions in ready
+    if len(lost):
+        bad = _failed(catalog, rkm[lost]) if catalog is not None else np.zeros(len(lost), bool)
+        if not retry_failed:
+            status[ready[lost[bad]]] = FAILED
+        todo = lost if retry_failed else lost[~bad]
+        retry = bad if retry_failed else np.zeros(len(todo), bool)  # failed before: "retry"
+        status[ready[todo]] = MISSING
+        for i, again in zip(ready[todo].tolist(), retry.tolist()):
+            if again:
                 why[i] = "retry"
             elif reasons and catalog is not None:
-                keys = b"".join(
-                    cols[j] if inp.mode == "one" else cols[j][i]
-                    for j, inp in enumerate(step.inputs)
-                )
-                why[i] = ("inputs", keys.hex())  # type: ignore[assignment]
+                why[i] = ("inputs", _inputs_hex(step, i, done))  # type: ignore[assignment]
             else:
                 why[i] = "missing"
-    return StepPlan(step.name, "item", status, rkeys, ckeys, why)
+    sp = StepPlan(step.name, "item", status, rkeys, ckeys, why)
+    sp._ckm = ckm
+    return sp
+
+
+def _inputs_hex(step: Step, i: int, done: dict[str, StepPlan]) -> str:
+    keys = b"".join(
+        done[inp.step].ckeys[0] if inp.mode == "one" else done[inp.step].ckeys[i]  # type: ignore[misc]
+        for inp in step.inputs
+    )
+    return keys.hex()
 
 
 def _plan_set_step(
@@ -313,7 +459,8 @@ def _plan_set_step(
             sel = np.ones(len(ups), bool)
         if inp.ids is not None:
             sel &= np.fromiter((i in inp.ids for i in items.ids), bool, len(items.ids))
-        rows = np.flatnonzero(sel & (ups == FRESH)).tolist()
+        rows_a = np.flatnonzero(sel & (ups == FRESH))
+        rows = rows_a.tolist()
         bad = int(np.count_nonzero(sel & np.isin(ups, _BAD)))
         excluded += bad
         if not rows and bad:
@@ -321,7 +468,7 @@ def _plan_set_step(
         if np.isin(ups[sel], _WAIT).any():
             state = Status.PENDING
         members[inp.step] = rows
-        digests.append(items_key([items.ids[i] for i in rows], [up.ckeys[i] for i in rows]))
+        digests.append(_items_digest(items.ids, rows_a, up))
     if state == Status.PENDING:
         return StepPlan(
             step.name,
@@ -353,6 +500,28 @@ def _plan_set_step(
     return StepPlan(
         step.name, "set", _one(Status.MISSING), [rk], [None], [reason], excluded, members
     )
+
+
+def _items_digest(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
+    """``items_key`` of the ids and content keys of ``rows``, vectorized for ASCII ids."""
+    n = len(rows)
+    sel = ids if n == len(ids) else [ids[i] for i in rows.tolist()]
+    joined = "".join(sel)
+    m = _key_matrix(up)
+    if not n or m is None or not joined.isascii():
+        return items_key(sel, [up.ckeys[i] for i in rows.tolist()])
+    # each item is <u4 length, the id's bytes, its content key (as in items_key)
+    lens = np.fromiter(map(len, sel), np.int64, n)
+    off = np.zeros(n, np.int64)
+    np.cumsum(4 + lens[:-1] + KEY_SIZE, out=off[1:])
+    out = np.empty(int(off[-1] + 4 + lens[-1] + KEY_SIZE), np.uint8)
+    out[(off[:, None] + np.arange(4)).ravel()] = lens.astype("<u4").view(np.uint8)
+    raw = np.frombuffer(joined.encode("ascii"), np.uint8)
+    starts = np.zeros(n, np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    out[np.repeat(off + 4 - starts, lens) + np.arange(len(raw))] = raw
+    out[((off + 4 + lens)[:, None] + np.arange(KEY_SIZE)).ravel()] = m[rows].ravel()
+    return blake3(_ITEMS_DOMAIN + out.tobytes()).digest(KEY_SIZE)
 
 
 def _one(status: Status) -> np.ndarray:

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from blake3 import blake3
 
 from flow.errors import CorruptObject
 from flow.keys import KEY_SIZE
@@ -81,6 +82,9 @@ class Catalog:
     _failed_by_id: dict | None = None
     _ckey_list: list | None = None
     _loc: tuple | None = None
+    _sorted: tuple | None = None
+    #: remembered recipe keys for the planner (:class:`RecipeMemo`), set by :func:`load_catalog`
+    recipes: RecipeMemo | None = None
 
     # -- lookups --------------------------------------------------------------
 
@@ -104,6 +108,26 @@ class Catalog:
                 for i in range(len(self.failed_rkeys))
             }
         return self._failed_index
+
+    def lookup_many(self, rkeys: np.ndarray) -> np.ndarray:
+        """The row of each recipe key (an ``n x KEY_SIZE`` uint8 array), -1 where absent.
+
+        The vectorized :attr:`index`: the same rows (the first stored copy wins)
+        without a dict of every key.
+        """
+        if self._sorted is None:
+            self._sorted = _sorted_keys(self.rkeys)
+        return _find(self._sorted, self.rkeys, rkeys)
+
+    def failed_many(self, rkeys: np.ndarray) -> np.ndarray:
+        """Whether each recipe key (``n x KEY_SIZE`` uint8) has a failure recorded."""
+        if not len(self.failed_rkeys):
+            return np.zeros(len(rkeys), bool)
+        return _find(_sorted_keys(self.failed_rkeys), self.failed_rkeys, rkeys) >= 0
+
+    def ckeys_of(self, rows: np.ndarray) -> np.ndarray:
+        """The content keys of ``rows`` as an ``n x KEY_SIZE`` uint8 array."""
+        return self.ckeys[rows]
 
     def previous(self, step: str, item_id: str) -> Previous | None:
         """The newest stored recipe of ``item_id`` in ``step`` (for stale reasons)."""
@@ -197,7 +221,7 @@ class Catalog:
         self.pack, self.pos = np.concatenate(pk), np.concatenate(ps)
         self.failed_rkeys, self.failed_pack = np.concatenate(frk), np.concatenate(fpk)
         self._index = self._failed_index = self._latest = self._by_id = None
-        self._failed_by_id = self._ckey_list = self._loc = None
+        self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
 
     def _keep_packs(self, keep: set[str]) -> None:
         """Drop the rows of packs not in ``keep`` (they were collected)."""
@@ -219,7 +243,7 @@ class Catalog:
         self.failed_pack = mapping[self.failed_pack[frows]]
         self.failed_ids = [x for x, k in zip(self.failed_ids, frows) if k]
         self._index = self._failed_index = self._latest = self._by_id = None
-        self._failed_by_id = self._ckey_list = self._loc = None
+        self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
 
     # -- cache ------------------------------------------------------------------
 
@@ -268,6 +292,51 @@ class Catalog:
             )
 
 
+def _hi(keys: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each key as an unsigned big-endian integer (sorts as bytes)."""
+    return np.ascontiguousarray(keys[:, :8]).view(">u8").ravel().astype(np.uint64)
+
+
+def _sorted_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys ordered by their first 8 bytes, ties in row order: (order, sorted prefixes)."""
+    hi = _hi(keys)
+    order = np.argsort(hi, kind="stable")
+    return order, hi[order]
+
+
+def _find(
+    sorted_keys: tuple[np.ndarray, np.ndarray], keys: np.ndarray, queries: np.ndarray
+) -> np.ndarray:
+    """The first row of ``keys`` equal to each query (-1 where none)."""
+    order, shi = sorted_keys
+    n = len(queries)
+    out = np.full(n, -1, np.int64)
+    if not n or not len(order):
+        return out
+    queries = np.asarray(queries, np.uint8).reshape(n, KEY_SIZE)
+    qhi = _hi(queries)
+    qo = np.argsort(qhi)  # sorted queries search faster
+    pos = np.empty(n, np.int64)
+    pos[qo] = np.searchsorted(shi, qhi[qo])
+    inside = pos < len(shi)
+    at = np.minimum(pos, len(shi) - 1)
+    same_hi = inside & (shi[at] == qhi)
+    cand = order[at]
+    # the first row with this prefix: a full match is the first copy of that key
+    hit = same_hi & (keys[cand] == queries).all(axis=1)
+    out[hit] = cand[hit]
+    # a prefix shared by different keys (never seen with BLAKE3 keys): walk the run
+    for i in np.flatnonzero(same_hi & ~hit).tolist():
+        j = int(pos[i])
+        while j < len(shi) and shi[j] == qhi[i]:
+            r = int(order[j])
+            if (keys[r] == queries[i]).all():
+                out[i] = r
+                break
+            j += 1
+    return out
+
+
 def _params_json(params: dict) -> str:
     return params_json(params)
 
@@ -296,7 +365,63 @@ def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalo
     if changed and write_cache:
         with contextlib.suppress(OSError):  # a cache we couldn't write: a slower next load
             store.put(cache_path, cat.to_bytes())
+    cat.recipes = RecipeMemo(store, node, write=write_cache)
     return cat
+
+
+_MEMO_MAGIC = b"flow-recipes-v1\x00"
+
+
+class RecipeMemo:
+    """Recipe keys the planner derived last time, per step: a disposable cache.
+
+    Deriving a recipe key is a pure function of the node prefix and the input
+    keys (:func:`flow.keys.item_key`), so the planner may remember the keys of
+    a whole step and reuse them when the *entire* input is the same again: the
+    entry is found by a ``token`` -- the planner's BLAKE3 digest of every
+    derived key's full hash input -- and is used only if that token and a
+    checksum of the stored keys both match.  Anything else (no file, another
+    token, a damaged file, a store we can't write) means "derive them again";
+    the cache is never the only copy of anything (DESIGN, principle 3).
+    Stored at ``cache/recipes/<node>/<step digest>.bin``.
+    """
+
+    def __init__(self, store: Store, node: str, write: bool = True):
+        self.store, self.node, self.write = store, node, write
+        self._mem: dict[str, tuple[bytes, bytes]] = {}  # step -> (token, keys)
+
+    def _path(self, step: str) -> str:
+        return f"cache/recipes/{self.node}/{blake3(step.encode()).hexdigest(16)}.bin"
+
+    def get(self, step: str, token: bytes, n: int) -> bytes | None:
+        """The ``n`` remembered keys (concatenated) for ``token``, or None."""
+        mem = self._mem.get(step)
+        if mem is not None and mem[0] == token and len(mem[1]) == n * KEY_SIZE:
+            return mem[1]
+        try:
+            data = self.store.get(self._path(step))
+        except (FileNotFoundError, OSError):
+            return None
+        head = len(_MEMO_MAGIC)
+        if (
+            len(data) != head + 64 + n * KEY_SIZE
+            or data[:head] != _MEMO_MAGIC
+            or data[head : head + 32] != token
+        ):
+            return None
+        keys = data[head + 64 :]
+        if blake3(keys).digest() != data[head + 32 : head + 64]:
+            return None  # damaged: derive again
+        self._mem[step] = (token, keys)
+        return keys
+
+    def put(self, step: str, token: bytes, keys: bytes) -> None:
+        self._mem[step] = (token, keys)
+        if not self.write:
+            return
+        doc = b"".join((_MEMO_MAGIC, token, blake3(keys).digest(), keys))
+        with contextlib.suppress(OSError):  # only a cache
+            self.store.put(self._path(step), doc)
 
 
 def _read_manifests(store: Store, node: str, ids: list[str]) -> list[dict]:

@@ -490,3 +490,106 @@ def test_graph_fingerprint():
     assert pipeline({"feature": {"bins": 9}}).fingerprint() != base
     assert pipeline(vocab_splits=("train", "val")).fingerprint() != base
     assert pipeline({"feature": {"bins": 8}}).fingerprint() == base  # the default, spelled out
+
+
+# --------------------------------------------------------------------------
+# the vectorized paths: the store's catalog, the recipe-key cache, set digests
+
+
+def _keys_matrix(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16), dtype=np.uint8)
+
+
+def test_catalog_lookup_many_agrees_with_its_index():
+    from store.catalog import Catalog
+
+    rk = _keys_matrix(50, 1)
+    rk[10] = rk[3]  # a second copy: the first row wins
+    rk[20, :8] = rk[5, :8]  # another key with the same first 8 bytes
+    rk[21, :8] = rk[5, :8]
+    rk[22] = rk[21]
+    cat = Catalog("n", rkeys=rk, ckeys=_keys_matrix(50, 2))
+    queries = np.concatenate([rk, _keys_matrix(7, 3), rk[[21, 5, 20, 22]]])
+    queries[-1, 15] ^= 1  # same prefix, another key: absent
+    want = [cat.index.get(q.tobytes(), -1) for q in queries]
+    assert cat.lookup_many(queries).tolist() == want
+    assert want[10] == 3 and want[22] == 21 and want[-1] == -1
+    assert Catalog("e").lookup_many(queries).tolist() == [-1] * len(queries)
+    cat.failed_rkeys, cat.failed_pack = rk[[7, 8]], np.zeros(2, np.int32)
+    assert cat.failed_many(queries).tolist() == [q.tobytes() in cat.failed for q in queries]
+
+
+class _StoreCatalog:
+    """A store catalog (lookup_many) built from a FakeCatalog's content."""
+
+    def __init__(self, fake: FakeCatalog, recipes=None):
+        from store.catalog import Catalog
+
+        keys = sorted(fake.index, key=fake.index.get)
+        rk = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)
+        ck = np.frombuffer(b"".join(bytes(fake.ckey(fake.index[k])) for k in keys), np.uint8)
+        fr = np.frombuffer(b"".join(fake.failed), np.uint8).reshape(-1, 16)
+        self.cat = Catalog("x", rkeys=rk, ckeys=ck.reshape(-1, 16))
+        self.cat.failed_rkeys, self.cat.failed_pack = fr, np.zeros(len(fr), np.int32)
+        self.cat.recipes = recipes
+        self.fake = fake
+
+    def __getattr__(self, name):
+        return getattr(self.cat, name)
+
+    def previous(self, step, item_id):
+        return self.fake.previous(step, item_id)
+
+
+def _same_plans(a, b) -> None:
+    assert a.order == b.order
+    for name in a.order:
+        x, y = a.steps[name], b.steps[name]
+        assert x.status.tolist() == y.status.tolist(), name
+        assert list(x.rkeys) == list(y.rkeys) and x.rkeys == list(y.rkeys), name
+        assert list(x.ckeys) == list(y.ckeys), name
+        assert x.reasons == y.reasons and x.members == y.members, name
+
+
+def test_store_catalogs_and_the_recipe_cache_plan_like_dicts(tmp_path):
+    from store import open_store
+    from store.catalog import RecipeMemo
+
+    g = pipeline()
+    items = table(4)
+    cats, objs = stores(g)
+    build(g, items, cats, objs, fail=[("feature", 1)])
+    memo = RecipeMemo(open_store(tmp_path / "s"), "feature")
+    for retry in (False, True):
+        for reasons in (False, True):
+            want = plan(g, items, cats, objs, retry_failed=retry, reasons=reasons)
+            fast = {n: _StoreCatalog(c, memo if n == "feature" else None) for n, c in cats.items()}
+            for _ in range(2):  # the second time from the recipe cache
+                got = plan(g, items, fast, objs, retry_failed=retry, reasons=reasons)
+                _same_plans(got, want)
+    assert states(want, "feature") == [F, M, F, F] and want.steps["feature"].reasons[1] == "retry"
+    # a damaged or foreign cache entry is derived again
+    fast = {n: _StoreCatalog(c, RecipeMemo(memo.store, n)) for n, c in cats.items()}
+    path = memo._path("feature")
+    assert memo.store.exists(path)
+    data = bytearray(memo.store.get(path))
+    data[-1] ^= 1
+    memo.store.put(path, bytes(data))
+    _same_plans(plan(g, items, fast, objs), plan(g, items, cats, objs))
+    assert memo.store.get(path) != bytes(data)  # derived again and rewritten
+    other = ItemTable(
+        items.ids, items.splits, {"files": [bytes(key(("new", i))) for i in range(4)]}
+    )
+    fast = {n: _StoreCatalog(c, RecipeMemo(memo.store, n)) for n, c in cats.items()}
+    _same_plans(plan(g, other, fast, objs), plan(g, other, cats, objs))
+
+
+def test_set_digests_match_items_key_for_any_ids():
+    from flow.plan import StepPlan, _items_digest
+
+    ck = [bytes(_keys_matrix(1, i)[0]) for i in range(5)]
+    sp = StepPlan("u", "item", np.zeros(5, np.int8), ck, ck, [None] * 5)
+    for ids in (["a", "bb", "", "d/e.png", "f"], ["é", "b", "c", "\udcff", "x"]):
+        for rows in ([0, 1, 2, 3, 4], [1, 3], []):
+            got = _items_digest(ids, np.array(rows, np.int64), sp)
+            assert got == items_key([ids[i] for i in rows], [ck[i] for i in rows])
