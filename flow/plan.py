@@ -128,9 +128,19 @@ class ItemTable:
     sources: dict[str, list[bytes | None]]
     files: dict[str, bytes | None] = field(default_factory=dict)
     source_errors: dict[str, dict[int, str]] = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def in_splits(self, splits: Any) -> np.ndarray:
+        """Which items have one of ``splits`` (a bool array, remembered per set)."""
+        want = frozenset(splits)
+        mask = self._masks.get(want)
+        if mask is None or len(mask) != len(self.splits):
+            mask = np.fromiter((s in want for s in self.splits), bool, len(self.splits))
+            self._masks[want] = mask
+        return mask
 
 
 class KeyList(Sequence):
@@ -451,10 +461,9 @@ def _plan_set_step(
                 state = Status.PENDING
             continue
         rows = []
-        splits = set(inp.splits) if inp.splits is not None else None
         ups = np.asarray(up.status)
-        if splits is not None:
-            sel = np.fromiter((s in splits for s in items.splits), bool, len(items.splits))
+        if inp.splits is not None:
+            sel = items.in_splits(inp.splits).copy()
         else:
             sel = np.ones(len(ups), bool)
         if inp.ids is not None:

@@ -129,7 +129,8 @@ class Project:
         splits = [splits[i] for i in order]
         inv = {old: new for new, old in enumerate(order)}
         errors = {inv[i]: r for i, r in errors.items()}
-        label_keys = [bytes(key(tuple(lab))) for lab in labels]
+        distinct = {lab: bytes(key(tuple(lab))) for lab in set(map(tuple, labels))}
+        label_keys = [distinct[tuple(lab)] for lab in labels]
         items = ItemTable(
             ids=ids,
             splits=splits,

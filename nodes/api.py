@@ -327,7 +327,7 @@ class Workspace:
             for v in steps["index_inputs"]:
                 fresh &= np.asarray(after.steps[v].status) == FRESH
             if db is not None:
-                fresh &= np.fromiter((s in db for s in items.splits), bool, len(items))
+                fresh &= items.in_splits(db)
             database = [items.ids[i] for i in np.flatnonzero(fresh).tolist()]
             previous: list[list[str]] = []
             ref = read_ref(self.store, t)

@@ -146,12 +146,18 @@ class Catalog:
     def rows_for(self, step: str, item_id: str) -> list[int]:
         """Stored rows of ``item_id`` in ``step`` (candidates for early cutoff)."""
         if self._by_id is None:
-            by: dict[tuple[str, str], list[int]] = {}
-            steps = [p.step for p in self.packs]
-            for row, (pk, iid) in enumerate(zip(self.pack.tolist(), self.ids)):
-                by.setdefault((steps[pk], iid), []).append(row)
+            by: dict[str, list[int]] = {}
+            for row, iid in enumerate(self.ids):
+                rows = by.get(iid)
+                if rows is None:
+                    by[iid] = [row]
+                else:
+                    rows.append(row)
             self._by_id = by
-        return self._by_id.get((step, item_id), [])
+        rows = self._by_id.get(item_id)
+        if not rows:
+            return []
+        return [r for r in rows if self.packs[int(self.pack[r])].step == step]
 
     def failed_for(self, step: str, item_id: str) -> set[bytes]:
         """Recipe keys of recorded failures of ``item_id`` in ``step``."""
