@@ -33,7 +33,14 @@ from typing import Any
 from flow.errors import ConfigError
 from flow.keys import key
 from flow.plan import ItemTable
-from flow.sources import DEFAULT_INCLUDE, StatCache, file_keys, scan_folder
+from flow.sources import (
+    DEFAULT_INCLUDE,
+    FileRefs,
+    StatCache,
+    file_keys,
+    paused_gc,
+    scan_folder,
+)
 
 __all__ = ["Project", "Source", "load_project"]
 
@@ -88,6 +95,10 @@ class Project:
     def items(self, store=None, *, progress=None) -> tuple[ItemTable, Any, dict]:
         """Scan the sources: the item table, where workers find each file, and
         per-item metadata (``labels``, ``paths``) for queries and reports."""
+        with paused_gc():  # per-item lists of a whole archive (see paused_gc)
+            return self._items(store)
+
+    def _items(self, store) -> tuple[ItemTable, Any, dict]:
         from flow.schedule import Sources
 
         ids: list[str] = []
@@ -139,7 +150,7 @@ class Project:
         )
         refs = Sources(
             {
-                "files": [("file", p, k) for p, k in zip(paths, keys)],
+                "files": FileRefs(paths, keys),
                 "labels": [("value", tuple(lab)) for lab in labels],
             }
         )
@@ -329,9 +340,10 @@ def project_from_dict(
     for name, t in targets.items():
         if not isinstance(t, dict):
             raise ConfigError(f"{where}: [targets.{name}] must be a table")
-    from flow.cluster import cluster_config
+    if "cluster" in raw:  # flow.cluster is imported only where a [cluster] table is
+        from flow.cluster import cluster_config
 
-    cluster_config(raw.get("cluster"), f"{where}: [cluster]", root=root)  # raises on a bad key
+        cluster_config(raw["cluster"], f"{where}: [cluster]", root=root)  # raises on a bad key
     workers = build.get("workers")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"{where}: [build] workers must be a positive integer")

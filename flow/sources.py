@@ -17,7 +17,9 @@ point inside the source root.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import gc
 import io
 import os
 import re
@@ -54,6 +56,50 @@ class FileStat(NamedTuple):
     ino: int
 
 
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cyclic garbage collector off while inside, as it was after.
+
+    Listing an archive allocates hundreds of thousands of small acyclic objects
+    (names, stats, keys); each of them counts towards the collector's
+    thresholds, and every collection walks all live objects.  A no-op scan of
+    100k files took 0.75-0.96 s with collections, 0.52 s without.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+_new_stat = tuple.__new__  # FileStat(a, b, c) runs a Python-level __new__: 10x slower
+
+
+class FileRefs(Sequence):
+    """Where workers find each file -- ``("file", path, key)`` per item -- made
+    when read: a build reads the refs of the items it runs only, so a no-op
+    over 100k files makes none of them.  ``paths`` are relative to ``root``
+    when one is given."""
+
+    __slots__ = ("_keys", "_paths", "_root")
+
+    def __init__(self, paths: Sequence[str], keys: Sequence[bytes | None], root: str = ""):
+        if len(paths) != len(keys):
+            raise ValueError(f"{len(paths)} paths for {len(keys)} keys")
+        self._paths, self._keys, self._root = paths, keys, root
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        p = self._paths[i]
+        return ("file", f"{self._root}/{p}" if self._root else p, self._keys[i])
+
+
 def scan_folder(
     root: str | os.PathLike,
     include: Sequence[str] = DEFAULT_INCLUDE,
@@ -66,6 +112,11 @@ def scan_folder(
     and the relative path; ``extensionless=True`` also takes files without an
     extension (DICOM archives often name files ``IM0001``).
     """
+    with paused_gc():
+        return _scan_folder(root, include, exclude, extensionless)
+
+
+def _scan_folder(root, include, exclude, extensionless) -> tuple[list[str], list[FileStat]]:
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
@@ -114,7 +165,7 @@ def scan_folder(
                 except OSError:
                     continue
         rels += [pre + name for name, _ in sts] if pre else [name for name, _ in sts]
-        stats += [FileStat(st.st_size, st.st_mtime_ns, st.st_ino) for _, st in sts]
+        stats += [_new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino)) for _, st in sts]
     order = sorted(range(len(rels)), key=rels.__getitem__)
     return [rels[i] for i in order], [stats[i] for i in order]
 
@@ -285,7 +336,8 @@ def file_keys(
     those, and how many files were hashed.
     """
     now = time.time_ns()
-    keys = cache.lookup_many(rels, stats, now) if cache is not None else [None] * len(rels)
+    with paused_gc():
+        keys = cache.lookup_many(rels, stats, now) if cache is not None else [None] * len(rels)
     todo = [i for i, k in enumerate(keys) if k is None]
     errors: dict[int, str] = {}
 
@@ -305,5 +357,6 @@ def file_keys(
                 elif cache is not None:
                     cache.update(rels[i], stats[i], k)  # type: ignore[arg-type]
     if cache is not None:
-        cache.prune(rels)
+        with paused_gc():
+            cache.prune(rels)
     return keys, errors, len(todo)

@@ -129,10 +129,18 @@ def write_synthetic_files(
 
 
 def synthetic_inputs(folder: str | Path, store: Any = None, include=("*.bin",)):
-    """The item table and worker sources for the files under ``folder``."""
+    """The item table and worker sources for the files under ``folder``
+    (what ``Project.items`` does for a project's sources)."""
+    from flow.sources import paused_gc
+
+    with paused_gc():
+        return _synthetic_inputs(folder, store, include)
+
+
+def _synthetic_inputs(folder, store, include):
     from flow.plan import ItemTable
     from flow.schedule import Sources
-    from flow.sources import StatCache, file_keys, scan_folder
+    from flow.sources import FileRefs, StatCache, file_keys, scan_folder
 
     root = os.path.realpath(folder)
     rels, stats = scan_folder(root, include=include)
@@ -141,5 +149,5 @@ def synthetic_inputs(folder: str | Path, store: Any = None, include=("*.bin",)):
     if cache is not None:
         cache.save()
     items = ItemTable(rels, [""] * len(rels), {"files": keys}, source_errors={"files": errors})
-    sources = Sources({"files": [("file", f"{root}/{r}", k) for r, k in zip(rels, keys)]})
+    sources = Sources({"files": FileRefs(rels, keys, root)})
     return items, sources

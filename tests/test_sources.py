@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from flow.keys import file_key
 from flow.sources import DEFAULT_INCLUDE, StatCache, file_keys, scan_folder
 from store import open_store
@@ -167,3 +169,32 @@ def test_the_stat_cache_fast_path_sees_a_changed_file(tmp_path):
         k: v for k, v in keys.items() if k != "f3.bin"
     }
     assert _keys(root, store) == (keys2, 0)
+
+
+def test_file_refs_are_made_when_read():
+    from flow.sources import FileRefs
+
+    refs = FileRefs(["a.png", "b/c.dcm"], [b"k1", None], "/data")
+    assert len(refs) == 2
+    assert refs[1] == ("file", "/data/b/c.dcm", None) and refs[-2] == ("file", "/data/a.png", b"k1")
+    assert refs[0:2] == [refs[0], refs[1]] and list(refs) == [refs[0], refs[1]]
+    assert FileRefs(["/x/a.png"], [b"k"])[0] == ("file", "/x/a.png", b"k")  # full paths
+    with pytest.raises(ValueError, match="1 paths for 2 keys"):
+        FileRefs(["a"], [b"k", b"l"])
+
+
+def test_paused_gc_restores_the_collector_state():
+    import gc
+
+    from flow.sources import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner one restores "off"
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
