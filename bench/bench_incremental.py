@@ -5,10 +5,17 @@ A catalog of synthetic 64x64 PNG images goes through the real pipeline
 fixed, randomly initialized network exported to ONNX and given to the target
 as its weights file (``weights = ...``), so the benchmark measures the
 framework and the nodes, not training.  Then 1% new images are added and the
-same ``Workspace.build`` runs again.  Both builds use one long-lived local
-Dask cluster (as ``flow watch`` would), include scanning, planning, the new
+same build runs again.  Both builds include scanning, planning, the new
 index segment and the ref move, and are timed in the same run; the ratio is
-incremental / full.
+incremental / full.  ``--mode`` says how a build runs:
+
+* ``cluster`` (default): ``Workspace.build`` on one long-lived local Dask
+  cluster of ``--workers`` processes, shared by all builds;
+* ``watch``: ``Workspace.build`` with no executor given, as ``flow watch``
+  calls it: each build makes its own (a local cluster for big builds, threads
+  of this process below ``[build] threads_below`` stale items);
+* ``cli``: ``flow build index --target=all`` as a subprocess, what a user
+  types: interpreter start-up, imports and the executor included.
 """
 
 from __future__ import annotations
@@ -86,35 +93,64 @@ def _onnx(path: Path, dim: int = 32) -> None:
         )
 
 
-def run(root: Path, items: int, workers: int) -> dict:
+def _cli_build(root: Path) -> tuple[float, dict]:
+    """``flow build index --target=all --json`` as a user runs it: (seconds, report)."""
+    import json
+    import subprocess
+    import sys
+
+    flow = str(Path(sys.executable).parent / "flow")
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [flow, "-q", "build", "index", "--target=all", "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return time.perf_counter() - t0, json.loads(out.stdout[out.stdout.index("{") :])
+
+
+def run(root: Path, items: int, workers: int, mode: str = "cluster") -> dict:
     from flow.schedule import get_executor
     from nodes.api import Workspace
 
     _images(root / "images", 0, items)
     _onnx(root / "cnn.onnx")
-    (root / "flow.toml").write_text(TOML)
-    ex = get_executor("local", workers)
-    try:
+    (root / "flow.toml").write_text(TOML + f"[build]\nworkers = {workers}\n")
+    ex = get_executor("local", workers) if mode == "cluster" else None
+
+    def build() -> tuple[float, dict, list]:
+        if mode == "cli":
+            s, doc = _cli_build(root)
+            assert doc["ok"], doc["failures"]
+            steps = {k: v["computed"] for k, v in doc["steps"].items() if v["computed"]}
+            segs = [s["count"] for s in doc["refs"].get("cnn", [])]
+            return s, steps, segs
         t0 = time.perf_counter()
+        # "cluster": one long-lived cluster for every build; "watch": each build makes
+        # its own executor as `flow watch` does (a cluster only for big builds)
         built = Workspace.open(root).build("all", executor=ex, progress=False)
-        full = time.perf_counter() - t0
-        assert built.report.ok and "cnn" in built.moved, built.incomplete
+        s = time.perf_counter() - t0
+        assert built.report.ok, built.incomplete
+        steps = {k: v.computed for k, v in built.report.steps.items() if v.computed}
+        moved = built.moved.get("cnn")
+        return s, steps, [g["count"] for g in moved["value"]["segments"]] if moved else []
+
+    try:
+        full, _, segs = build()
+        assert segs == [items], segs
         time.sleep(2.1)
         add = max(1, items // 100)
         _images(root / "images", items, add)
-        t0 = time.perf_counter()
-        built = Workspace.open(root).build("all", executor=ex, progress=False)
-        inc = time.perf_counter() - t0
-        assert built.report.ok
-        steps = {k: v.computed for k, v in built.report.steps.items() if v.computed}
-        segs = [s["count"] for s in built.moved["cnn"]["value"]["segments"]]
-        time.sleep(2.1)
-        t0 = time.perf_counter()
-        built = Workspace.open(root).build("all", executor=ex, progress=False)
-        noop = time.perf_counter() - t0
+        time.sleep(2.1)  # the new files are older than the stat cache's "too recent" window
+        inc, steps, segs = build()
+        noop, _, _ = build()
     finally:
-        ex.close()
+        if ex is not None:
+            ex.close()
     return {
+        "mode": mode,
         "items": items,
         "added": add,
         "full_s": round(full, 2),
@@ -131,17 +167,25 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument(
+        "--mode",
+        choices=("cluster", "watch", "cli"),
+        default="cluster",
+        help="cluster: Workspace.build on one long-lived local cluster; watch: "
+        "Workspace.build making its own executor per build (as `flow watch`); cli: "
+        "`flow build index --target=all` subprocesses, start-up included",
+    )
     args = ap.parse_args()
     results = []
     for _ in range(args.runs):
         tmp = Path(tempfile.mkdtemp(prefix="flow-inc-"))
         try:
-            r = run(tmp, args.items, args.workers)
+            r = run(tmp, args.items, args.workers, args.mode)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         results.append(r)
         print(
-            f"{r['items']} items, full build {r['full_s']} s; +{r['added']} items: "
+            f"[{r['mode']}] {r['items']} items, full build {r['full_s']} s; +{r['added']} items: "
             f"{r['incremental_s']} s = {100 * r['ratio']:.2f}% of full; no-op {r['noop_s']} s; "
             f"computed {r['computed']}; segments {r['segments']}",
             flush=True,

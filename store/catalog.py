@@ -187,6 +187,7 @@ class Catalog:
     # -- merging ----------------------------------------------------------------
 
     def _add_manifests(self, docs: list[dict]) -> None:
+        first_new = len(self.ids)
         rk, ck, pk, ps, frk, fpk = (
             [self.rkeys],
             [self.ckeys],
@@ -226,7 +227,15 @@ class Catalog:
         self.rkeys, self.ckeys = np.concatenate(rk), np.concatenate(ck)
         self.pack, self.pos = np.concatenate(pk), np.concatenate(ps)
         self.failed_rkeys, self.failed_pack = np.concatenate(frk), np.concatenate(fpk)
-        self._index = self._failed_index = self._latest = self._by_id = None
+        by_id = self._by_id  # rows only grow here: extend it instead of rebuilding it
+        if by_id is not None:
+            for row in range(first_new, len(self.ids)):
+                rows = by_id.get(self.ids[row])
+                if rows is None:
+                    by_id[self.ids[row]] = [row]
+                else:
+                    rows.append(row)
+        self._index = self._failed_index = self._latest = None
         self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
 
     def _keep_packs(self, keep: set[str]) -> None:
