@@ -53,6 +53,8 @@ class Input:
     def __post_init__(self) -> None:
         if (self.splits is not None or self.ids is not None) and self.mode != "all":
             raise ValueError("splits= and ids= only apply to inputs of mode 'all'")
+        if self.ids is not None and not isinstance(self.ids, frozenset):
+            object.__setattr__(self, "ids", frozenset(self.ids))  # hashable, like the rest
 
 
 @dataclass(frozen=True, eq=False)

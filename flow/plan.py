@@ -133,6 +133,15 @@ class ItemTable:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def among(self, ids: frozenset[str]) -> np.ndarray:
+        """Which items are in ``ids`` (a bool array, remembered per set of ids)."""
+        key = ("ids", ids)
+        mask = self._masks.get(key)
+        if mask is None or len(mask) != len(self.ids):
+            mask = np.fromiter(map(ids.__contains__, self.ids), bool, len(self.ids))
+            self._masks[key] = mask
+        return mask
+
     def in_splits(self, splits: Any) -> np.ndarray:
         """Which items have one of ``splits`` (a bool array, remembered per set)."""
         want = frozenset(splits)
@@ -467,7 +476,7 @@ def _plan_set_step(
         else:
             sel = np.ones(len(ups), bool)
         if inp.ids is not None:
-            sel &= np.fromiter((i in inp.ids for i in items.ids), bool, len(items.ids))
+            sel &= items.among(inp.ids)
         rows_a = np.flatnonzero(sel & (ups == FRESH))
         rows = rows_a.tolist()
         bad = int(np.count_nonzero(sel & np.isin(ups, _BAD)))
