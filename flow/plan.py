@@ -554,20 +554,25 @@ def plan(
     *,
     retry_failed: bool = False,
     reasons: bool = True,
+    known: Mapping[str, StepPlan] | None = None,
 ) -> Plan:
     """The state of every step of ``graph`` over ``items``.
 
     ``catalogs`` maps a node name to what the store holds of its per-item
     outputs, ``objects`` a node name to its set outputs.  With
     ``reasons=False`` missing items are only marked "missing" (faster; a
-    build doesn't need the why).
+    build doesn't need the why).  ``known``: plans of steps (by name) made
+    over the same items and still current -- nothing ran for them or for
+    anything upstream of them since -- taken as they are.
     """
     order = toposort(graph)
     done: dict[str, StepPlan] = {}
     n = len(items)
     for name in order:
         step = graph[name]
-        if step.kind == "source":
+        if known is not None and name in known:
+            done[name] = known[name]
+        elif step.kind == "source":
             done[name] = _plan_source(step, items)
         elif step.kind == "item":
             cat = catalogs.get(step.node_name)

@@ -42,7 +42,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -448,7 +448,13 @@ class Builder:
         batch_size: int | None = None,
         storage_options: dict | None = None,
         log: Callable[[str], None] | None = None,
+        known: Mapping[str, Any] | None = None,
+        catalogs: dict | None = None,
     ):
+        """``known``: step plans still current (see :func:`flow.plan.plan`), used
+        until this build runs something for them; ``catalogs``: item catalogs
+        loaded (and kept current) by an earlier build of this process, by node
+        name -- the ones missing are loaded and added to it."""
         from store.catalog import ObjectCatalog, load_catalog
 
         self.graph, self.items, self.sources = graph, items, sources
@@ -460,7 +466,10 @@ class Builder:
         self.ctx = Context.of(store.url, storage_options)
         nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
         nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
-        self.catalogs = {n: load_catalog(store, n) for n in sorted(nodes_item)}
+        self.catalogs = catalogs if catalogs is not None else {}
+        for n in sorted(nodes_item - set(self.catalogs)):
+            self.catalogs[n] = load_catalog(store, n)
+        self._known = dict(known or {})
         self.objects = {n: ObjectCatalog(store, n) for n in sorted(nodes_set)}
         self.report: BuildReport | None = None
         self._failures: list[Failure] = []
@@ -477,6 +486,7 @@ class Builder:
             self.objects,
             retry_failed=self.retry_failed,
             reasons=reasons,
+            known=self._known,
         )
 
     # -- item phases --------------------------------------------------------------
@@ -564,6 +574,7 @@ class Builder:
             [self.graph[c] for c in chain], len(work), self.executor.n_workers, self.batch_override
         )
         batches = [work[lo : lo + size] for lo in range(0, len(work), size)]
+        self._known = {}  # item steps run: later plans derive everything again
         for name in chain:
             self.progress.start(name, len(work))
         self.log(
@@ -669,6 +680,8 @@ class Builder:
             if not ready or self._stop:
                 return p
             futs = {}
+            if any(name in self._known for name in ready):
+                self._known = {}
             for name in ready:
                 st = self.graph[name]
                 inputs, digests = self._set_inputs(p, name)
@@ -730,7 +743,8 @@ class Builder:
         from store.catalog import load_catalog
 
         if type(e).__name__ == "CorruptInput":
-            self.catalogs = {n: load_catalog(self.store, n) for n in self.catalogs}
+            self._known = {}
+            self.catalogs.update({n: load_catalog(self.store, n) for n in self.catalogs})
             for objs in self.objects.values():
                 objs._cache.clear()
 

@@ -197,11 +197,12 @@ class Workspace:
     def subgraph(self, targets: list[str] | str = "all", *, eval: bool = False) -> Graph:
         return cull(self.graph, target_steps(self.targets, targets, eval=eval))
 
-    def _catalogs(self, graph: Graph):
+    def _catalogs(self, graph: Graph, loaded: dict | None = None):
         from store.catalog import ObjectCatalog, load_catalog
 
+        loaded = loaded or {}
         cats = {
-            s.node_name: load_catalog(self.store, s.node_name)
+            s.node_name: loaded.get(s.node_name) or load_catalog(self.store, s.node_name)
             for s in graph.values()
             if s.kind == "item"
         }
@@ -279,13 +280,17 @@ class Workspace:
                 }
             else:
                 vectors = [v for t in names for v in self.targets[t]["index_inputs"]]
-                first = self._run(cull(self.graph, vectors), executor, **kw)
-                g, layout = self._segmented(names, first.after, compact=compact)
+                # the two builds share the item catalogs (the first keeps them
+                # current), and the second starts from the first's final plan
+                cats: dict = {}
+                first = self._run(cull(self.graph, vectors), executor, catalogs=cats, **kw)
+                g, layout = self._segmented(names, first.after, compact=compact, catalogs=cats)
                 g = cull(g, [s for segs in layout.values() for pair in segs for s in pair])
                 if first.interrupted:
                     report = first
                 else:
-                    report = _joined(first, self._run(g, executor, **kw))
+                    second = self._run(g, executor, catalogs=cats, known=first.after.steps, **kw)
+                    report = _joined(first, second)
         finally:
             if own:
                 executor.close()
@@ -308,8 +313,13 @@ class Workspace:
             **kw,
         )
 
-    def _segmented(self, names: list[str], after: Plan, *, compact: bool):
-        """The graph with each target's index segments, and (index, table) per segment."""
+    def _segmented(
+        self, names: list[str], after: Plan, *, compact: bool, catalogs: dict | None = None
+    ):
+        """The graph with each target's index segments, and (index, table) per segment.
+
+        ``after``: the current plan of the steps before the segments (taken as it
+        is); ``catalogs``: item catalogs already loaded (by node name)."""
         from flow.plan import FRESH
         from flow.plan import plan as run_plan
         from nodes.segments import Policy, assign, segment_steps
@@ -341,8 +351,8 @@ class Workspace:
             if previous:
                 gp, pairs = segment_steps(cull(g, [ix, tb]), t, ix, tb, previous)
                 gp = cull(gp, [s for pair in pairs for s in pair])
-                cats, objs = self._catalogs(gp)
-                pp = run_plan(gp, items, cats, objs, reasons=False)
+                cats, objs = self._catalogs(gp, catalogs)
+                pp = run_plan(gp, items, cats, objs, reasons=False, known=after.steps)
                 for j, (a, _) in enumerate(pairs):
                     members = pp.steps[a].members
                     n = len(next(iter(members.values()))) if members else 0

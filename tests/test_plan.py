@@ -593,3 +593,16 @@ def test_set_digests_match_items_key_for_any_ids():
         for rows in ([0, 1, 2, 3, 4], [1, 3], []):
             got = _items_digest(ids, np.array(rows, np.int64), sp)
             assert got == items_key([ids[i] for i in rows], [ck[i] for i in rows])
+
+
+def test_known_step_plans_are_taken_as_they_are():
+    g = pipeline()
+    items = table(4)
+    cats, objs = stores(g)
+    build(g, items, cats, objs, fail=[("feature", 1)])
+    full = plan(g, items, cats, objs)
+    some = {n: full.steps[n] for n in full.order if n != full.order[-1]}
+    again = plan(g, items, cats, objs, known=some)
+    _same_plans(again, full)
+    assert all(again.steps[n] is some[n] for n in some)  # reused, not derived again
+    assert again.steps[full.order[-1]] is not full.steps[full.order[-1]]
