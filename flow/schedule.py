@@ -423,8 +423,12 @@ def _recipe(step: Step) -> Any:
 def _batch_size(steps: list[Step], n_work: int, n_workers: int, override: int | None) -> int:
     if override:
         return override
-    auto = math.ceil(n_work / max(1, 4 * n_workers))
-    size = max(16, min(1000, auto))
+    workers = max(1, n_workers)
+    auto = math.ceil(n_work / (4 * workers))
+    # four tasks per worker balance the load; below 16 items a task, a task's
+    # fixed cost (a pack per step: ~10 ms of zarr metadata, chunk and manifest
+    # writes) outweighs that, so a small build gets one task per worker
+    size = min(1000, auto) if auto >= 16 else max(1, math.ceil(n_work / workers))
     hints = [s.node.batch_size for s in steps if s.node is not None and s.node.batch_size]
     if hints and not any(s.node.batched for s in steps if s.node is not None):
         size = min(size, min(hints))

@@ -372,7 +372,7 @@ def test_verify_quarantines_a_corrupt_pack_and_the_build_redoes_its_items(base, 
     packs = sorted((root / "store" / "packs" / "embedding").glob("*.json"))
     manifest = packs[0]
     pid, n = manifest.stem, json.loads(manifest.read_text())["n"]
-    assert 0 < n < N_BASE
+    assert 0 < n <= N_BASE  # a small build writes one pack per worker
     chunks = [p for p in (manifest.parent / pid).rglob("*") if p.is_file() and "zarr" not in p.name]
     assert chunks
     chunk = max(chunks, key=lambda p: p.stat().st_size)
@@ -383,7 +383,7 @@ def test_verify_quarantines_a_corrupt_pack_and_the_build_redoes_its_items(base, 
 
     # --no-repair reports, exit 1, and leaves the pack where it is
     doc = run_json(root, "verify", "--no-repair", code=1)
-    assert doc["checked"]["pack"] > 10 and doc["checked"]["object"] > 3
+    assert doc["checked"]["pack"] >= 5 and doc["checked"]["object"] > 3  # every pack of each step
     assert [(p["kind"], p["node"], p["id"], p["items"]) for p in doc["problems"]] == [
         ("pack", "embedding", pid, n)
     ]
