@@ -140,7 +140,7 @@ class Project:
         splits = [splits[i] for i in order]
         inv = {old: new for new, old in enumerate(order)}
         errors = {inv[i]: r for i, r in errors.items()}
-        distinct = {lab: bytes(key(tuple(lab))) for lab in set(map(tuple, labels))}
+        distinct = {lab: bytes(key(lab)) for lab in set(map(tuple, labels))}
         label_keys = [distinct[tuple(lab)] for lab in labels]
         items = ItemTable(
             ids=ids,

@@ -29,10 +29,10 @@ coordinate is set to 0 by the Retriever: the ``"query": "mips"`` of the
 embedder's output).  The metric embedding under the head is still trained
 by the pair loss.  Patient-grouped cross-validation on nih-dev ``train``
 only (3 of 5 folds, a fold's queries against the other folds' items as
-database, the network trained on those): AvG@10 0.521 for findings vectors
-by inner product, 0.479 for the same network's embedding by cosine, 0.478
-for findings vectors by cosine, 0.469 for the label-prior ranking
-(``bench/cv_nih.py``).  ``vectors="embedding"`` gives the embedding itself.
+database, the network trained on those; ``bench/cv_nih.py --embedding``):
+AvG@10 0.512 for findings vectors by inner product, 0.480 for the same
+network's embedding by cosine, 0.474 for findings vectors by cosine, 0.469
+for the label-prior ranking.  ``vectors="embedding"`` gives the embedding itself.
 
 Other defaults, chosen by the same cross-validation earlier: width 32, 80
 epochs, no augmentation.  The index's database is the training set itself, so a network

@@ -83,6 +83,7 @@ class Catalog:
     _ckey_list: list | None = None
     _loc: tuple | None = None
     _sorted: tuple | None = None
+    _failed_sorted: tuple | None = None
     #: remembered recipe keys for the planner (:class:`RecipeMemo`), set by :func:`load_catalog`
     recipes: RecipeMemo | None = None
 
@@ -123,7 +124,9 @@ class Catalog:
         """Whether each recipe key (``n x KEY_SIZE`` uint8) has a failure recorded."""
         if not len(self.failed_rkeys):
             return np.zeros(len(rkeys), bool)
-        return _find(_sorted_keys(self.failed_rkeys), self.failed_rkeys, rkeys) >= 0
+        if self._failed_sorted is None:
+            self._failed_sorted = _sorted_keys(self.failed_rkeys)
+        return _find(self._failed_sorted, self.failed_rkeys, rkeys) >= 0
 
     def ckeys_of(self, rows: np.ndarray) -> np.ndarray:
         """The content keys of ``rows`` as an ``n x KEY_SIZE`` uint8 array."""
@@ -146,18 +149,23 @@ class Catalog:
     def rows_for(self, step: str, item_id: str) -> list[int]:
         """Stored rows of ``item_id`` in ``step`` (candidates for early cutoff)."""
         if self._by_id is None:
-            by: dict[str, list[int]] = {}
-            for row, iid in enumerate(self.ids):
-                rows = by.get(iid)
-                if rows is None:
-                    by[iid] = [row]
-                else:
-                    rows.append(row)
-            self._by_id = by
+            self._by_id = {}
+            self._index_ids(0)
         rows = self._by_id.get(item_id)
         if not rows:
             return []
         return [r for r in rows if self.packs[int(self.pack[r])].step == step]
+
+    def _index_ids(self, start: int) -> None:
+        """Add rows ``start``.. to the rows-per-item-id index."""
+        by = self._by_id
+        assert by is not None
+        for row in range(start, len(self.ids)):
+            rows = by.get(self.ids[row])
+            if rows is None:
+                by[self.ids[row]] = [row]
+            else:
+                rows.append(row)
 
     def failed_for(self, step: str, item_id: str) -> set[bytes]:
         """Recipe keys of recorded failures of ``item_id`` in ``step``."""
@@ -227,16 +235,11 @@ class Catalog:
         self.rkeys, self.ckeys = np.concatenate(rk), np.concatenate(ck)
         self.pack, self.pos = np.concatenate(pk), np.concatenate(ps)
         self.failed_rkeys, self.failed_pack = np.concatenate(frk), np.concatenate(fpk)
-        by_id = self._by_id  # rows only grow here: extend it instead of rebuilding it
-        if by_id is not None:
-            for row in range(first_new, len(self.ids)):
-                rows = by_id.get(self.ids[row])
-                if rows is None:
-                    by_id[self.ids[row]] = [row]
-                else:
-                    rows.append(row)
+        if self._by_id is not None:  # rows only grow here: extend it, don't rebuild it
+            self._index_ids(first_new)
         self._index = self._failed_index = self._latest = None
         self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
+        self._failed_sorted = None
 
     def _keep_packs(self, keep: set[str]) -> None:
         """Drop the rows of packs not in ``keep`` (they were collected)."""
@@ -259,6 +262,7 @@ class Catalog:
         self.failed_ids = [x for x, k in zip(self.failed_ids, frows) if k]
         self._index = self._failed_index = self._latest = self._by_id = None
         self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
+        self._failed_sorted = None
 
     # -- cache ------------------------------------------------------------------
 
