@@ -69,6 +69,13 @@ class Store(ABC):
     def put(self, path: str, data: bytes) -> None:
         """Publish ``data`` at ``path`` atomically, replacing what was there."""
 
+    def put_new(self, files: dict[str, bytes]) -> None:
+        """Write files at fresh paths that nothing reads until a manifest put later
+        names them (pack and payload arrays).  Each need not be atomic, so a
+        backend may skip :meth:`put`'s temporary file; the default puts each."""
+        for path, data in files.items():
+            self.put(path, data)
+
     @abstractmethod
     def put_if_absent(self, path: str, data: bytes) -> bool:
         """Publish ``data`` only if nothing is at ``path``; True if it was written."""

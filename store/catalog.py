@@ -79,6 +79,7 @@ class Catalog:
     _failed_index: dict | None = None
     _latest: dict | None = None
     _by_id: dict | None = None
+    _id_set: set | None = None  # every item id with a row: a cheap "none" for new ids
     _failed_by_id: dict | None = None
     _ckey_list: list | None = None
     _loc: tuple | None = None
@@ -149,6 +150,10 @@ class Catalog:
     def rows_for(self, step: str, item_id: str) -> list[int]:
         """Stored rows of ``item_id`` in ``step`` (candidates for early cutoff)."""
         if self._by_id is None:
+            if self._id_set is None:
+                self._id_set = set(self.ids)
+            if item_id not in self._id_set:  # a new item: no index needed (yet)
+                return []
             self._by_id = {}
             self._index_ids(0)
         rows = self._by_id.get(item_id)
@@ -237,6 +242,8 @@ class Catalog:
         self.failed_rkeys, self.failed_pack = np.concatenate(frk), np.concatenate(fpk)
         if self._by_id is not None:  # rows only grow here: extend it, don't rebuild it
             self._index_ids(first_new)
+        if self._id_set is not None:
+            self._id_set.update(self.ids[first_new:])
         self._index = self._failed_index = self._latest = None
         self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
         self._failed_sorted = None
@@ -260,7 +267,7 @@ class Catalog:
         self.failed_rkeys = self.failed_rkeys[frows]
         self.failed_pack = mapping[self.failed_pack[frows]]
         self.failed_ids = [x for x, k in zip(self.failed_ids, frows) if k]
-        self._index = self._failed_index = self._latest = self._by_id = None
+        self._index = self._failed_index = self._latest = self._by_id = self._id_set = None
         self._failed_by_id = self._ckey_list = self._loc = self._sorted = None
         self._failed_sorted = None
 

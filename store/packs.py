@@ -52,6 +52,10 @@ from store.abc import Store
 FORMAT = "flow/1"
 _BARE = "_"  # field name of a node output that is a bare array
 _INNER_CHUNK_BYTES = 1 << 20
+# arrays up to this many bytes are encoded by zarr into memory and written as
+# plain files (Store.put_new): zarr's own store round trips cost ~3 ms an array,
+# most of a small pack's write; bigger arrays stream through Store.zarr
+_IN_MEMORY_BYTES = 32 << 20
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +243,32 @@ def _write_array(zstore: Any, name: str, data: np.ndarray) -> Any:
     return arr
 
 
+def _write_arrays(store: Store, base: str, arrays: dict[str, np.ndarray]) -> list[str]:
+    """Write ``arrays`` as zarr v3 arrays ``<base>/<name>``; their chunk files.
+
+    Small arrays are encoded by zarr into a memory store, then their files (the
+    same files zarr would write) are put with :meth:`Store.put_new`, one array
+    at a time; big ones are written by zarr into the store directly.
+    """
+    from zarr.storage import MemoryStore
+
+    files: list[str] = []
+    mem: dict[str, Any] = {}
+    direct = None
+    for name, data in arrays.items():
+        if data.nbytes > _IN_MEMORY_BYTES:
+            direct = direct or store.zarr(base)
+            files += _chunk_files(f"{base}/{name}", _write_array(direct, name, data))
+            continue
+        _write_array(MemoryStore(mem), name, data)
+        mine = {k: mem.pop(k).to_bytes() for k in [k for k in mem if k.startswith(f"{name}/")]}
+        store.put_new({f"{base}/{k}": v for k, v in mine.items()})
+        files += [f"{base}/{k}" for k in mine if k.startswith(f"{name}/c/")]
+    if mem:  # the root group's zarr.json, as zarr writes it
+        store.put_new({f"{base}/{k}": v.to_bytes() for k, v in mem.items()})
+    return files
+
+
 def _layout_fields(node: str, values: Sequence[dict[str, np.ndarray]]) -> tuple[dict, dict]:
     """Group per-item arrays into stacked or ragged pack arrays."""
     names = set(values[0]) if values else set()
@@ -289,11 +319,7 @@ def write_pack(
     if ok and any(s[2] for s in splits):
         raise TypeError(f"node {recipe.node!r}: item nodes cannot return Blobs")
     started = time.time()
-    written = {}
-    if arrays:
-        zstore = store.zarr(base)
-        for name, data in arrays.items():
-            written[name] = _write_array(zstore, name, data)
+    written = _write_arrays(store, base, arrays) if arrays else []
     manifest = {
         "format": FORMAT,
         "kind": "pack",
@@ -351,10 +377,7 @@ def write_object(
         manifest["failure"] = result.error
     else:
         arrays, attrs, blobs = _split(result.value)
-        zstore = store.zarr(f"{base}/{payload}") if arrays else None
-        written = {
-            f"{payload}/{name}": _write_array(zstore, name, data) for name, data in arrays.items()
-        }
+        written = _write_arrays(store, f"{base}/{payload}", arrays) if arrays else []
         blob_meta = {}
         for name, blob in blobs.items():
             store.put(f"{base}/{payload}/{name}.blob", blob.data)
@@ -366,14 +389,14 @@ def write_object(
             blobs=blob_meta,
             attrs={k: _untuple(v) for k, v in attrs.items()},
         )
-    _publish(store, base, manifest, written if result.error is None else {})
+    _publish(store, base, manifest, written if result.error is None else [])
     return manifest
 
 
 _DIGEST = b',"digest":"'
 
 
-def _publish(store: Store, base: str, manifest: dict, arrays: dict) -> None:
+def _publish(store: Store, base: str, manifest: dict, files: list[str]) -> None:
     """Write the manifest, then make sure every chunk it vouches for is still there.
 
     Something that deletes unpublished files (``flow gc`` with no grace) could
@@ -383,8 +406,9 @@ def _publish(store: Store, base: str, manifest: dict, arrays: dict) -> None:
     """
     store.put(f"{base}.json", _dumps(manifest))
     try:
-        for name, arr in arrays.items():
-            _check_chunks(store, f"{base}/{name}", arr)
+        for where in files:
+            if not store.exists(where):
+                raise CorruptObject(f"{where}: chunk file is missing")
     except CorruptObject as e:
         store.delete([f"{base}.json"])
         raise StoreError(f"{base}: arrays vanished while publishing ({e}); retracted") from e
@@ -542,15 +566,19 @@ def _same_dtype(a: Any, b: Any) -> bool:
     return np.dtype(a).newbyteorder("<") == np.dtype(b).newbyteorder("<")
 
 
-def _check_chunks(store: Store, path: str, arr: Any) -> None:
-    """Every chunk (or shard) file of a written array must be there."""
+def _chunk_files(path: str, arr: Any) -> list[str]:
+    """The chunk (or shard) files of a written array (every one is written)."""
     if not arr.size:
-        return
+        return []
     import itertools
 
     grid = [range(math.ceil(n / c)) for n, c in zip(arr.shape, arr.shards or arr.chunks)]
-    for idx in itertools.product(*grid):
-        where = f"{path}/c/{'/'.join(map(str, idx))}"
+    return [f"{path}/c/{'/'.join(map(str, idx))}" for idx in itertools.product(*grid)]
+
+
+def _check_chunks(store: Store, path: str, arr: Any) -> None:
+    """Every chunk (or shard) file of a stored array must be there."""
+    for where in _chunk_files(path, arr):
         if not store.exists(where):
             raise CorruptObject(f"{where}: chunk file is missing")
 

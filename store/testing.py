@@ -208,6 +208,17 @@ class StoreTests:
         assert not bad, bad
         assert seen and store.get("doc") == versions[-1]
 
+    def test_put_new(self, store: Store) -> None:
+        files = {
+            "packs/n/p/a/zarr.json": b"{}",
+            "packs/n/p/a/c/0/1": b"\x00\x01",
+            "packs/n/p/z": b"",
+        }
+        store.put_new(files)
+        assert {p: store.get(p) for p in files} == files
+        assert store.list("packs/n/p") == ["a", "z"]
+        assert sorted(e.path for e in store.walk("packs")) == sorted(files)
+
     def test_put_if_absent(self, store: Store) -> None:
         assert store.put_if_absent("x/once", b"first") is True
         assert store.put_if_absent("x/once", b"second") is False
@@ -392,6 +403,32 @@ class StoreTests:
             assert key(got) == key(want) == reader.ckey(pos)
             assert reader.rkey(pos) == results[pos].rkey
         assert [key(v) for v in reader.read(range(4))] == [r.ckey for r in results]
+
+    def test_small_arrays_written_through_memory_match_zarr(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Arrays encoded in memory and put as files (small ones) are the very
+        files zarr writes into the store itself (big ones), sharded ones too."""
+        import store.packs as packs
+
+        values = [
+            {"big": np.arange(200_000, dtype="<f4") * i, "small": np.full((4, 5), i, np.uint8)}
+            for i in range(3)
+        ]  # "big" spans 3 shards of 1 MiB chunks
+        results = [_ok(f"i{i}", v) for i, v in enumerate(values)]
+
+        def written(manifest: dict) -> dict[str, bytes]:
+            base = f"packs/nd/{manifest['id']}/"
+            return {e.path[len(base) :]: store.get(e.path) for e in store.walk(base[:-1])}
+
+        in_memory = write_pack(store, _recipe(), results)
+        monkeypatch.setattr(packs, "_IN_MEMORY_BYTES", 0)
+        direct = write_pack(store, _recipe(), results)
+        assert written(in_memory) == written(direct)
+        assert any(p.startswith("big/c/") for p in written(in_memory))
+        for m in (in_memory, direct):
+            got = PackReader.open(store, "nd", m["id"]).read([2, 0])
+            assert [key(g) for g in got] == [results[2].ckey, results[0].ckey]
 
     def test_pack_of_bare_arrays(self, store: Store) -> None:
         results = [_ok(f"i{i}", np.full((5,), i, "<i8")) for i in range(3)]

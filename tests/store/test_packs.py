@@ -221,6 +221,20 @@ def test_missing_pack_chunk_is_detected(store):
         PackReader.open(store, "nd", manifest["id"]).read([0, 1])
 
 
+def test_a_chunk_lost_while_publishing_retracts_the_pack(store, monkeypatch):
+    """A chunk deleted between its write and the manifest (gc with no grace) takes
+    the manifest back: the write fails and nothing half-written is readable."""
+    exists = store.exists
+    monkeypatch.setattr(store, "exists", lambda p: "/c/" not in p and exists(p))
+    with pytest.raises(StoreError, match="vanished while publishing"):
+        write_pack(store, recipe(), [ok("i0", np.ones(3))])
+    monkeypatch.undo()
+    assert load_catalog(store, "nd").ids == []
+    assert not [
+        e for e in store.walk("packs") if e.path.endswith(".json") and e.path.count("/") == 2
+    ]
+
+
 def test_missing_object_chunk_is_detected(store):
     rk = bytes(key("obj"))
     value = canonical_output({"a": np.arange(1, 5)})
