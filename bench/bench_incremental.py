@@ -1,19 +1,28 @@
 """Incremental re-indexing cost.  Run: ``python bench/bench_incremental.py [--items 10000]``.
 
 A catalog of synthetic 64x64 PNG images goes through the real pipeline
-(decode -> normalize -> embedding with a small CNN -> index): the CNN is a
-fixed, randomly initialized network exported to ONNX and given to the target
-as its weights file (``weights = ...``), so the benchmark measures the
-framework and the nodes, not training.  Then 1% new images are added and the
+(decode -> normalize -> embedding with a small CNN -> index): the CNN is
+fixed and randomly initialized, given to the target as its weights file
+(``weights = ...``), so the benchmark measures the framework and the nodes,
+not training.  ``--net`` says which CNN:
+
+* ``flow`` (default): the network flow's ``cnn`` target trains (width 32: a
+  5x5 stem and three conv blocks of 64/128/256 channels), as a torch
+  state_dict that flow exports to ONNX itself;
+* ``tiny``: a toy network with 8/16/32 channels, ~16x less compute per image
+  (what earlier runs of this benchmark used; the per-build fixed cost then
+  weighs ~4x more in the ratio).
+  Then 1% new images are added and the
 same build runs again.  Both builds include scanning, planning, the new
 index segment and the ref move, and are timed in the same run; the ratio is
 incremental / full.  ``--mode`` says how a build runs:
 
 * ``cluster`` (default): ``Workspace.build`` on one long-lived local Dask
   cluster of ``--workers`` processes, shared by all builds;
-* ``watch``: ``Workspace.build`` with no executor given, as ``flow watch``
-  calls it: each build makes its own (a local cluster for big builds, threads
-  of this process below ``[build] threads_below`` stale items);
+* ``watch``: ``flow watch``'s own loop (:class:`nodes.watch.Watcher`, settle 0)
+  in this process: a build is one poll (its scan included), each making its
+  own executor (a local cluster for big builds, threads of this process below
+  ``[build] threads_below`` stale items);
 * ``cli``: ``flow build index --target=all`` as a subprocess, what a user
   types: interpreter start-up, imports and the executor included.
 """
@@ -60,7 +69,18 @@ def _images(folder: Path, start: int, n: int) -> None:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"im{i:06d}.png")
 
 
+def _flow_net(path: Path, dim: int = 32) -> None:
+    """flow's own embedding network (nodes._cnn.network), randomly initialized."""
+    import torch
+
+    from nodes import _cnn
+
+    torch.manual_seed(0)
+    torch.save(_cnn.network(dim, 32, 64).eval().state_dict(), path)
+
+
 def _onnx(path: Path, dim: int = 32) -> None:
+    """The toy network (``--net tiny``), as ONNX."""
     import torch
     from torch import nn
 
@@ -111,14 +131,26 @@ def _cli_build(root: Path) -> tuple[float, dict]:
     return time.perf_counter() - t0, json.loads(out.stdout[out.stdout.index("{") :])
 
 
-def run(root: Path, items: int, workers: int, mode: str = "cluster", n_rounds: int = 1) -> dict:
+def run(
+    root: Path,
+    items: int,
+    workers: int,
+    mode: str = "cluster",
+    n_rounds: int = 1,
+    net: str = "flow",
+) -> dict:
+    from flow.project import load_project
     from flow.schedule import get_executor
     from nodes.api import Workspace
+    from nodes.watch import Watcher
 
     _images(root / "images", 0, items)
-    _onnx(root / "cnn.onnx")
-    (root / "flow.toml").write_text(TOML + f"[build]\nworkers = {workers}\n")
+    weights = "cnn.pt" if net == "flow" else "cnn.onnx"
+    (_flow_net if net == "flow" else _onnx)(root / weights)
+    toml = TOML.replace('weights = "cnn.onnx"', f'weights = "{weights}"')
+    (root / "flow.toml").write_text(toml + f"[build]\nworkers = {workers}\n")
     ex = get_executor("local", workers) if mode == "cluster" else None
+    watcher = Watcher(load_project(root), settle=0) if mode == "watch" else None
 
     def build() -> tuple[float, dict, list]:
         if mode == "cli":
@@ -128,10 +160,13 @@ def run(root: Path, items: int, workers: int, mode: str = "cluster", n_rounds: i
             segs = [s["count"] for s in doc["refs"].get("cnn", [])]
             return s, steps, segs
         t0 = time.perf_counter()
-        # "cluster": one long-lived cluster for every build; "watch": each build makes
-        # its own executor as `flow watch` does (a cluster only for big builds)
-        built = Workspace.open(root).build("all", executor=ex, progress=False)
+        if watcher is not None:  # one poll of `flow watch`: its scan, then its build
+            built = watcher.poll()
+        else:  # one long-lived cluster for every build
+            built = Workspace.open(root).build("all", executor=ex, progress=False)
         s = time.perf_counter() - t0
+        if built is None:  # the watcher saw nothing new: a scan, no build
+            return s, {}, []
         assert built.report.ok, built.incomplete
         steps = {k: v.computed for k, v in built.report.steps.items() if v.computed}
         moved = built.moved.get("cnn")
@@ -154,6 +189,7 @@ def run(root: Path, items: int, workers: int, mode: str = "cluster", n_rounds: i
             ex.close()
     return {
         "mode": mode,
+        "net": net,
         "items": items,
         "added": add,
         "full_s": round(full, 2),
@@ -181,6 +217,12 @@ def main() -> None:
         "`flow build index --target=all` subprocesses, start-up included",
     )
     ap.add_argument(
+        "--net",
+        choices=("flow", "tiny"),
+        default="flow",
+        help="flow: the cnn target's own network (width 32); tiny: a toy 8/16/32-channel net",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -192,12 +234,13 @@ def main() -> None:
     for _ in range(args.runs):
         tmp = Path(tempfile.mkdtemp(prefix="flow-inc-"))
         try:
-            r = run(tmp, args.items, args.workers, args.mode, args.rounds)
+            r = run(tmp, args.items, args.workers, args.mode, args.rounds, args.net)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         results.append(r)
         print(
-            f"[{r['mode']}] {r['items']} items, full build {r['full_s']} s; +{r['added']} items: "
+            f"[{r['mode']}, {r['net']} net] {r['items']} items, full build {r['full_s']} s; "
+            f"+{r['added']} items: "
             f"{r['incremental_s']} s = {100 * r['ratio']:.2f}% of full; no-op {r['noop_s']} s; "
             f"computed {r['computed']}; segments {r['segments']}"
             + (

@@ -88,20 +88,6 @@ def compact(ctx, targets):
         sys.exit(1)
 
 
-def _snapshot(project) -> dict[str, tuple[int, int]]:
-    from flow.sources import scan_folder
-
-    snap = {}
-    for src in project.sources:
-        try:
-            rels, stats = scan_folder(src.path, src.include, src.exclude, src.extensionless)
-        except FileNotFoundError:
-            continue
-        for rel, st in zip(rels, stats):
-            snap[f"{src.path}/{rel}"] = (st.size, st.mtime_ns)
-    return snap
-
-
 @click.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between scans.")
@@ -123,10 +109,9 @@ def watch(ctx, folders, interval, settle, scheduler):
     --settle seconds, runs `flow build index --target=all`, which computes only
     the new work and adds an index segment.  Ctrl-C stops between builds.
     """
-    from nodes.api import Workspace
+    from nodes.watch import Watcher
 
-    ws = ctx.workspace
-    project = ws.project
+    project = ctx.workspace.project
     if folders:
         wanted = {os.path.realpath(f) for f in folders}
         have = {os.path.realpath(s.path) for s in project.sources}
@@ -143,32 +128,17 @@ def watch(ctx, folders, interval, settle, scheduler):
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    built_state: dict | None = None
-    last_seen: dict = {}
-    changed_at: dict[str, float] = {}
+    watcher = Watcher(project, settle=settle, scheduler=scheduler, log=ctx.debug)
     ctx.log(
         f"watching {', '.join(str(s.path) for s in project.sources)} "
         f"(every {interval:g} s, settle {settle:g} s); Ctrl-C to stop"
     )
     try:
         while not stop["now"]:
-            now = time.monotonic()
-            snap = _snapshot(project)
-            for path, st in snap.items():
-                if last_seen.get(path) != st:
-                    changed_at[path] = now
-            for path in set(last_seen) - set(snap):
-                changed_at[path] = now
-            last_seen = snap
-            pending = snap != built_state
-            calm = all(now - t >= settle for t in changed_at.values())
-            if pending and (calm or built_state is None):
-                ws = Workspace(project, retrain=False)
-                built = ws.build("all", scheduler=scheduler, progress=False, log=ctx.debug)
+            built = watcher.poll()
+            if built is not None:
                 click.echo(f"{time.strftime('%H:%M:%S')} {_summary(built)}", err=False)
                 sys.stdout.flush()
-                built_state = snap
-                changed_at = {p: t for p, t in changed_at.items() if now - t < settle}
             time.sleep(interval)
     except KeyboardInterrupt:
         pass

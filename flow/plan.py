@@ -205,6 +205,9 @@ class StepPlan:
     members: dict[str, list[int]] = field(default_factory=dict)  # set steps: rows per input
     # the content keys as an n x KEY_SIZE array (zeros where unknown), for the next steps
     _ckm: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # _items_digest of row sets of this step (a build plans each segment's steps
+    # several times over the same upstream plans): rows bytes -> (ids, digest)
+    _digests: dict = field(default_factory=dict, repr=False, compare=False)
 
     def count(self, status: Status) -> int:
         return int(np.count_nonzero(np.asarray(self.status) == status))
@@ -522,6 +525,16 @@ def _plan_set_step(
 
 def _items_digest(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
     """``items_key`` of the ids and content keys of ``rows``, vectorized for ASCII ids."""
+    memo = rows.tobytes()
+    hit = up._digests.get(memo)
+    if hit is not None and hit[0] is ids:
+        return hit[1]
+    digest = _items_digest_of(ids, rows, up)
+    up._digests[memo] = (ids, digest)
+    return digest
+
+
+def _items_digest_of(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
     n = len(rows)
     sel = ids if n == len(ids) else [ids[i] for i in rows.tolist()]
     joined = "".join(sel)

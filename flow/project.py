@@ -92,13 +92,23 @@ class Project:
 
     # -- items -------------------------------------------------------------------
 
-    def items(self, store=None, *, progress=None) -> tuple[ItemTable, Any, dict]:
+    def items(self, store=None, *, scans: dict | None = None) -> tuple[ItemTable, Any, dict]:
         """Scan the sources: the item table, where workers find each file, and
-        per-item metadata (``labels``, ``paths``) for queries and reports."""
-        with paused_gc():  # per-item lists of a whole archive (see paused_gc)
-            return self._items(store)
+        per-item metadata (``labels``, ``paths``) for queries and reports.
 
-    def _items(self, store) -> tuple[ItemTable, Any, dict]:
+        ``scans``: a source's ``scan()`` taken moments ago (by ``flow watch``), by
+        source path, used instead of scanning it again."""
+        with paused_gc():  # per-item lists of a whole archive (see paused_gc)
+            return self._items(store, scans or {})
+
+    def scan(self, src: Source) -> tuple[list[str], list]:
+        """The files of one source: (relative paths, their stats)."""
+        try:
+            return scan_folder(src.path, src.include, src.exclude, src.extensionless)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{self._where('sources')}: {e}") from None
+
+    def _items(self, store, scans: dict) -> tuple[ItemTable, Any, dict]:
         from flow.schedule import Sources
 
         ids: list[str] = []
@@ -110,10 +120,7 @@ class Project:
         hashed = 0
         multi = len(self.sources) > 1
         for src in self.sources:
-            try:
-                rels, stats = scan_folder(src.path, src.include, src.exclude, src.extensionless)
-            except FileNotFoundError as e:
-                raise ConfigError(f"{self._where('sources')}: {e}") from None
+            rels, stats = scans[src.path] if src.path in scans else self.scan(src)
             cache = StatCache(store, str(src.path)) if store is not None else None
             ks, errs, n = file_keys(str(src.path), rels, stats, cache)
             hashed += n

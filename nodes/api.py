@@ -41,12 +41,13 @@ class Built:
 class Workspace:
     """A project and its store, with the graph of its targets."""
 
-    def __init__(self, project: Project, *, retrain: bool = False):
+    def __init__(self, project: Project, *, retrain: bool = False, scans: dict | None = None):
         self.project = project
         self.store = project.open_store()
         self.retrain = retrain  # ignore pinned fits: refit on the current items
         self._graph: tuple[Graph, dict] | None = None
         self._items: tuple | None = None
+        self._scans = scans  # sources scanned already (Project.items)
 
     @classmethod
     def open(
@@ -163,7 +164,8 @@ class Workspace:
         out, so no index holds them and no fit trains on them again.
         """
         if self._items is None or refresh:
-            items, sources, meta = self.project.items(self.store)
+            items, sources, meta = self.project.items(self.store, scans=self._scans)
+            self._scans = None  # a refresh scans again
             gone = self.forgotten()
             if gone["ids"] or gone["keys"]:
                 drop = set(gone["ids"])

@@ -135,6 +135,8 @@ class Catalog:
 
     def previous(self, step: str, item_id: str) -> Previous | None:
         """The newest stored recipe of ``item_id`` in ``step`` (for stale reasons)."""
+        if self._latest is None and not self._has_id(item_id):
+            return None  # a new item: no index needed (yet)
         if self._latest is None:
             latest: dict[tuple[str, str], int] = {}
             steps = [p.step for p in self.packs]
@@ -150,9 +152,7 @@ class Catalog:
     def rows_for(self, step: str, item_id: str) -> list[int]:
         """Stored rows of ``item_id`` in ``step`` (candidates for early cutoff)."""
         if self._by_id is None:
-            if self._id_set is None:
-                self._id_set = set(self.ids)
-            if item_id not in self._id_set:  # a new item: no index needed (yet)
+            if not self._has_id(item_id):  # a new item: no index needed (yet)
                 return []
             self._by_id = {}
             self._index_ids(0)
@@ -160,6 +160,12 @@ class Catalog:
         if not rows:
             return []
         return [r for r in rows if self.packs[int(self.pack[r])].step == step]
+
+    def _has_id(self, item_id: str) -> bool:
+        """Whether any row is of ``item_id`` (a set of the ids, made once)."""
+        if self._id_set is None:
+            self._id_set = set(self.ids)
+        return item_id in self._id_set
 
     def _index_ids(self, start: int) -> None:
         """Add rows ``start``.. to the rows-per-item-id index."""

@@ -593,6 +593,9 @@ def test_set_digests_match_items_key_for_any_ids():
         for rows in ([0, 1, 2, 3, 4], [1, 3], []):
             got = _items_digest(ids, np.array(rows, np.int64), sp)
             assert got == items_key([ids[i] for i in rows], [ck[i] for i in rows])
+            assert _items_digest(ids, np.array(rows, np.int64), sp) == got  # remembered
+    # remembered per step plan and row set, and only for the same id list
+    assert len(sp._digests) == 3
 
 
 def test_known_step_plans_are_taken_as_they_are():
