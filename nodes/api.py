@@ -249,11 +249,18 @@ class Workspace:
         fail_fast: bool = False,
         progress: bool | None = None,
         log: Any = None,
+        catalogs: dict | None = None,
     ) -> Built:
         """Build ``targets``: their item steps and fits, then their index segments
         (see :mod:`nodes.segments`), then move their refs.  ``eval=True`` builds the
-        eval indices instead (one segment over the eval database split)."""
+        eval indices instead (one segment over the eval database split).
+
+        ``catalogs``: item catalogs by node name that a long-lived caller keeps
+        between builds (``flow watch``); they are brought up to date with the
+        store first, missing ones are loaded into it, and the build keeps them
+        current."""
         from flow.schedule import get_executor, tls_security
+        from store.catalog import refresh_catalog
 
         names = self._names(targets)
         own = executor is None
@@ -284,7 +291,9 @@ class Workspace:
                 vectors = [v for t in names for v in self.targets[t]["index_inputs"]]
                 # the two builds share the item catalogs (the first keeps them
                 # current), and the second starts from the first's final plan
-                cats: dict = {}
+                cats: dict = catalogs if catalogs is not None else {}
+                for cat in cats.values():
+                    refresh_catalog(self.store, cat, cache_every=32)
                 first = self._run(cull(self.graph, vectors), executor, catalogs=cats, **kw)
                 g, layout = self._segmented(names, first.after, compact=compact, catalogs=cats)
                 g = cull(g, [s for segs in layout.values() for pair in segs for s in pair])

@@ -85,6 +85,7 @@ class Catalog:
     _loc: tuple | None = None
     _sorted: tuple | None = None
     _failed_sorted: tuple | None = None
+    _uncached: int = 0  # packs added or dropped since the cache file was read or written
     #: remembered recipe keys for the planner (:class:`RecipeMemo`), set by :func:`load_catalog`
     recipes: RecipeMemo | None = None
 
@@ -207,6 +208,7 @@ class Catalog:
 
     def _add_manifests(self, docs: list[dict]) -> None:
         first_new = len(self.ids)
+        self._uncached += len(docs)
         rk, ck, pk, ps, frk, fpk = (
             [self.rkeys],
             [self.ckeys],
@@ -375,30 +377,47 @@ def _params_json(params: dict) -> str:
 
 def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalog:
     """The catalog of ``node``, reconciled with the store's current listing."""
-    cache_path = f"cache/catalog/{node}.npz"
     try:
-        cat = Catalog.from_bytes(node, store.get(cache_path))
-    except FileNotFoundError:
+        cat = Catalog.from_bytes(node, store.get(_cache_path(node)))
+    except Exception:  # none yet, or unreadable: read every manifest
         cat = Catalog(node)
-    except Exception:
-        cat = Catalog(node)
+    cat.recipes = RecipeMemo(store, node, write=write_cache)
+    refresh_catalog(store, cat, write_cache=write_cache)
+    return cat
+
+
+def refresh_catalog(
+    store: Store, cat: Catalog, *, write_cache: bool = True, cache_every: int = 1
+) -> None:
+    """Bring ``cat`` up to date with the store's listing: packs collected since it
+    was read are dropped, packs published since (by any writer) are added.
+
+    The cache file is rewritten once ``cache_every`` packs came or went since it
+    was last read or written.  A long-lived process (``flow watch``) that keeps
+    its catalogs passes a larger number: each rewrite costs a few ms per 10k
+    items, and a stale cache only means reading those few manifests at the next
+    cold load.
+    """
+    node = cat.node
     listing = store.list(f"packs/{node}")
     present = {n[:-5] for n in listing if n.endswith(".json")}
     known = {p.id for p in cat.packs}
-    changed = False
-    if known - present:
+    gone = known - present
+    if gone:
         cat._keep_packs(present)
-        changed = True
+        cat._uncached += len(gone)
     new = sorted(present - known)
     if new:
         docs = _read_manifests(store, node, new)
         cat._add_manifests(sorted(docs, key=lambda d: (d["created"], d["id"])))
-        changed = True
-    if changed and write_cache:
+    if write_cache and cat._uncached >= max(1, cache_every):
         with contextlib.suppress(OSError):  # a cache we couldn't write: a slower next load
-            store.put(cache_path, cat.to_bytes())
-    cat.recipes = RecipeMemo(store, node, write=write_cache)
-    return cat
+            store.put(_cache_path(node), cat.to_bytes())
+            cat._uncached = 0
+
+
+def _cache_path(node: str) -> str:
+    return f"cache/catalog/{node}.npz"
 
 
 _MEMO_MAGIC = b"flow-recipes-v1\x00"

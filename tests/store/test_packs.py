@@ -270,3 +270,32 @@ def test_catalog_survives_a_damaged_cache(store, damage):
     load_catalog(store, "nd")
     store.put("cache/catalog/nd.npz", damage(store.get("cache/catalog/nd.npz")))
     assert sorted(load_catalog(store, "nd").ids) == ["a0", "a1", "a2"]
+
+
+def test_a_kept_catalog_is_refreshed_like_a_fresh_load(store):
+    """What ``flow watch`` does between builds: packs another writer published are
+    added, collected ones dropped, and the cache file is rewritten only now and
+    then (a stale one just means a few more manifests at the next cold load)."""
+    from store.catalog import refresh_catalog
+
+    first = write_pack(store, recipe(), [ok("a", np.ones(2)), ok("b", np.zeros(2))])
+    cat = load_catalog(store, "nd")
+    assert store.exists("cache/catalog/nd.npz") and cat._uncached == 0
+    cached = store.get("cache/catalog/nd.npz")
+    assert cat.rows_for("nd", "c") == [] and cat.previous("nd", "c") is None
+    write_pack(store, recipe(), [ok("c", np.full(2, 3.0))])  # another writer
+    store.delete([f"packs/nd/{first['id']}.json"])  # collected
+    refresh_catalog(store, cat, cache_every=3)
+    fresh = load_catalog(store, "nd", write_cache=False)
+    assert cat.ids == fresh.ids == ["c"]
+    assert cat.index == fresh.index and [p.id for p in cat.packs] == [p.id for p in fresh.packs]
+    assert len(cat.rows_for("nd", "c")) == 1 and cat.previous("nd", "c") is not None
+    assert cat.rows_for("nd", "a") == []
+    # one pack came, one went: under cache_every=3 the cache file is left alone ...
+    assert cat._uncached == 2 and store.get("cache/catalog/nd.npz") == cached
+    write_pack(store, recipe(), [ok("d", np.ones(2))])
+    refresh_catalog(store, cat, cache_every=3)
+    # ... and rewritten at the third
+    assert cat._uncached == 0
+    assert load_catalog(store, "nd", write_cache=False).ids == cat.ids == ["c", "d"]
+    assert store.get("cache/catalog/nd.npz") != cached
