@@ -37,14 +37,13 @@ and ``tcp://host:port`` / ``tls://...`` on an existing scheduler.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +51,9 @@ from flow.errors import FlowError
 from flow.graph import Graph, Step, phases, toposort
 from flow.plan import BLOCKED, FAILED, FRESH, MISSING, PENDING, ItemTable, Plan, plan
 from flow.worker import ChainItem, ChainStep, Context, run_chain, run_set
+
+if TYPE_CHECKING:  # imported where used: a no-op build starts no executor
+    import concurrent.futures as cf
 
 __all__ = ["BuildReport", "Executor", "build", "get_executor"]
 
@@ -72,6 +74,8 @@ class Executor:
 
     def wait_any(self, futures: set, timeout: float | None = None) -> tuple[set, set]:
         """The futures done (maybe none, after ``timeout`` seconds) and the rest."""
+        import concurrent.futures as cf
+
         done, pending = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
         return set(done), set(pending)
 
@@ -98,6 +102,8 @@ class SyncExecutor(Executor):
     name = "sync"
 
     def submit(self, fn: Callable, *args: Any) -> cf.Future:
+        import concurrent.futures as cf
+
         fut: cf.Future = cf.Future()
         try:
             fut.set_result(fn(*args))
@@ -112,6 +118,8 @@ class ThreadExecutor(Executor):
     name = "threads"
 
     def __init__(self, n_workers: int | None = None):
+        import concurrent.futures as cf
+
         self.n_workers = n_workers or os.cpu_count() or 1
         self._pool = cf.ThreadPoolExecutor(self.n_workers, thread_name_prefix="flow")
 

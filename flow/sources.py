@@ -23,10 +23,8 @@ import gc
 import io
 import os
 import re
-import socket
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from typing import NamedTuple
 
@@ -200,6 +198,16 @@ def _magic(s: str) -> bool:
     return any(ch in s for ch in "*?[")
 
 
+def _hostname() -> str:
+    """This machine's name (``socket.gethostname()``; read from ``uname`` where
+    there is one, which a no-op build can do without importing socket)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket
+
+    return socket.gethostname()
+
+
 class StatCache:
     """Remembered file keys of one source root, keyed by relative path and stat.
 
@@ -212,7 +220,7 @@ class StatCache:
     def __init__(self, store, root: str):
         self.store = store
         self.root = os.path.realpath(root)
-        digest = key(("stat-cache", socket.gethostname(), self.root)).hex()[:16]
+        digest = key(("stat-cache", _hostname(), self.root)).hex()[:16]
         self.path = f"cache/stat/{digest}.npz"
         self._paths: list[str] = []
         self._meta = np.zeros((0, 3), np.int64)  # size, mtime_ns, ino
@@ -349,6 +357,8 @@ def file_keys(
             return i, None, f"cannot read {path}: {e.strerror or e}"
 
     if todo:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max(1, threads)) as ex:
             for i, k, err in ex.map(one, todo):
                 keys[i] = k

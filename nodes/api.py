@@ -24,7 +24,6 @@ from flow.graph import Graph, cull
 from flow.plan import Plan, Status, plan
 from flow.project import Project, load_project
 from nodes.pipeline import pipeline, ref_value, target_steps
-from store.maintenance import id_key
 
 __all__ = ["Workspace"]
 
@@ -173,7 +172,7 @@ class Workspace:
                     items,
                     sources,
                     meta,
-                    {i for i in items.ids if id_key(i) in drop},
+                    {i for i in items.ids if _id_key(i) in drop},
                     {bytes.fromhex(k) for k in gone["keys"]},
                 )
             for name, step in self.graph.items():
@@ -474,7 +473,7 @@ class Workspace:
             items.sources["files"][i].hex() for i in chosen if items.sources["files"][i] is not None
         }
         value = {
-            "id_keys": sorted(set(gone["ids"]) | {id_key(i) for i in new_ids}),
+            "id_keys": sorted(set(gone["ids"]) | {_id_key(i) for i in new_ids}),
             "keys": sorted(set(gone["keys"]) | keys),
         }
         move_ref(self.store, "forgotten", value, message=reason or f"forget {len(new_ids)} item(s)")
@@ -495,6 +494,12 @@ class Workspace:
         from nodes.retrieval import evaluate
 
         return evaluate(self, target, k or self.project.eval_k, **kw)
+
+
+def _id_key(item_id: str) -> str:
+    from store.maintenance import id_key  # a build that forgets nothing never needs it
+
+    return id_key(item_id)
 
 
 def _without(items: Any, sources: Any, meta: dict, ids: set[str], keys: set[bytes]):

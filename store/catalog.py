@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -486,6 +485,8 @@ def _read_manifests(store: Store, node: str, ids: list[str]) -> list[dict]:
             return None  # reported by `flow verify`; its items count as missing
 
     if len(ids) > 8:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(8) as ex:
             docs = list(ex.map(one, ids))
     else:

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -166,6 +165,7 @@ class Recipe:
 def environment() -> dict:
     """Library versions and host, recorded in every manifest (not in keys)."""
     import importlib.metadata as md
+    import socket
 
     libs = {}
     for name in (

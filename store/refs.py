@@ -15,10 +15,8 @@ points at something incomplete.
 
 from __future__ import annotations
 
-import getpass
 import json
 import re
-import socket
 import time
 import uuid
 from typing import Any
@@ -117,7 +115,7 @@ def move_ref(
             "seq": seq,
             "previous": previous,
             "time": time.time(),
-            "host": socket.gethostname(),
+            "host": _hostname(),
             "user": _user(),
             "message": message,
             "objects": [list(o) for o in objects],
@@ -135,7 +133,15 @@ def move_ref(
     raise StoreError(f"ref {name!r}: could not find a free sequence number")
 
 
+def _hostname() -> str:
+    import socket  # here: reading refs (every build, a no-op too) needs neither
+
+    return socket.gethostname()
+
+
 def _user() -> str:
+    import getpass
+
     try:
         return getpass.getuser()
     except Exception:  # no user database in some containers
