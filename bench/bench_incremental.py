@@ -20,9 +20,10 @@ incremental / full.  ``--mode`` says how a build runs:
 * ``cluster`` (default): ``Workspace.build`` on one long-lived local Dask
   cluster of ``--workers`` processes, shared by all builds;
 * ``watch``: ``flow watch``'s own loop (:class:`nodes.watch.Watcher`, settle 0)
-  in this process: a build is one poll (its scan included), each making its
-  own executor (a local cluster for big builds, threads of this process below
-  ``[build] threads_below`` stale items);
+  in this process: a build is one poll (reading what the file notifications
+  name, or a full scan with ``--poll``), each making its own executor (a local
+  cluster for big builds, threads of this process below ``[build]
+  threads_below`` stale items);
 * ``cli``: ``flow build index --target=all`` as a subprocess, what a user
   types: interpreter start-up, imports and the executor included.
 """
@@ -138,6 +139,7 @@ def run(
     mode: str = "cluster",
     n_rounds: int = 1,
     net: str = "flow",
+    notify: bool = True,
 ) -> dict:
     from flow.project import load_project
     from flow.schedule import get_executor
@@ -150,7 +152,7 @@ def run(
     toml = TOML.replace('weights = "cnn.onnx"', f'weights = "{weights}"')
     (root / "flow.toml").write_text(toml + f"[build]\nworkers = {workers}\n")
     ex = get_executor("local", workers) if mode == "cluster" else None
-    watcher = Watcher(load_project(root), settle=0) if mode == "watch" else None
+    watcher = Watcher(load_project(root), settle=0, notify=notify) if mode == "watch" else None
 
     def build() -> tuple[float, dict, list]:
         if mode == "cli":
@@ -187,8 +189,10 @@ def run(
     finally:
         if ex is not None:
             ex.close()
+        if watcher is not None:
+            watcher.close()
     return {
-        "mode": mode,
+        "mode": mode + ("" if notify or mode != "watch" else " --poll"),
         "net": net,
         "items": items,
         "added": add,
@@ -223,6 +227,11 @@ def main() -> None:
         help="flow: the cnn target's own network (width 32); tiny: a toy 8/16/32-channel net",
     )
     ap.add_argument(
+        "--poll",
+        action="store_true",
+        help="watch mode: scan every file at every poll (flow watch --poll)",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -234,7 +243,7 @@ def main() -> None:
     for _ in range(args.runs):
         tmp = Path(tempfile.mkdtemp(prefix="flow-inc-"))
         try:
-            r = run(tmp, args.items, args.workers, args.mode, args.rounds, args.net)
+            r = run(tmp, args.items, args.workers, args.mode, args.rounds, args.net, not args.poll)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         results.append(r)

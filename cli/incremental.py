@@ -99,15 +99,31 @@ def compact(ctx, targets):
     "(half-copied files wait).",
 )
 @click.option("--scheduler", help="Scheduler for the builds (default: the project's).")
+@click.option(
+    "--poll",
+    "poll_only",
+    is_flag=True,
+    help="Scan every file at every poll instead of following the system's file "
+    "notifications (use on network file systems written from other hosts).",
+)
+@click.option(
+    "--rescan",
+    default=300.0,
+    show_default=True,
+    help="Seconds between full scans when following notifications (a safety net).",
+)
 @pass_ctx
 @handle_errors
-def watch(ctx, folders, interval, settle, scheduler):
+def watch(ctx, folders, interval, settle, scheduler, poll_only, rescan):
     """Rebuild incrementally whenever source files are added, changed or removed.
 
-    Polls the project's source folders (or FOLDERS, which must be among them)
-    every --interval seconds; once every changed file has been still for
-    --settle seconds, runs `flow build index --target=all`, which computes only
-    the new work and adds an index segment.  Ctrl-C stops between builds.
+    Follows the project's source folders (or FOLDERS, which must be among them):
+    every --interval seconds it reads what the system's file notifications
+    (inotify, FSEvents) say changed, with a full scan every --rescan seconds, or,
+    with --poll or where notifications are unavailable, scans every file.  Once
+    every changed file has been still for --settle seconds, it runs
+    `flow build index --target=all`, which computes only the new work and adds
+    an index segment.  Ctrl-C stops between builds.
     """
     from nodes.watch import Watcher
 
@@ -128,10 +144,20 @@ def watch(ctx, folders, interval, settle, scheduler):
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    watcher = Watcher(project, settle=settle, scheduler=scheduler, log=ctx.debug)
+    watcher = Watcher(
+        project,
+        settle=settle,
+        scheduler=scheduler,
+        log=ctx.debug,
+        warn=ctx.log,
+        notify=not poll_only,
+        rescan=rescan,
+    )
     ctx.log(
         f"watching {', '.join(str(s.path) for s in project.sources)} "
-        f"(every {interval:g} s, settle {settle:g} s); Ctrl-C to stop"
+        f"(every {interval:g} s, settle {settle:g} s, "
+        + ("scanning every file" if poll_only else f"notified, full scan every {rescan:g} s")
+        + "); Ctrl-C to stop"
     )
     try:
         while not stop["now"]:
@@ -142,6 +168,8 @@ def watch(ctx, folders, interval, settle, scheduler):
             time.sleep(interval)
     except KeyboardInterrupt:
         pass
+    finally:
+        watcher.close()
     ctx.log("stopped")
 
 

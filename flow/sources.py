@@ -23,6 +23,7 @@ import gc
 import io
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -103,18 +104,24 @@ def scan_folder(
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = (),
     extensionless: bool = False,
+    *,
+    under: str = "",
 ) -> tuple[list[str], list[FileStat]]:
     """Relative paths (``/``-separated, sorted) and stats of the files under ``root``.
 
     ``include``/``exclude`` are glob patterns matched against the file name
     and the relative path; ``extensionless=True`` also takes files without an
-    extension (DICOM archives often name files ``IM0001``).
+    extension (DICOM archives often name files ``IM0001``).  ``under``: only
+    the files in this sub-folder (a relative path; paths stay relative to
+    ``root``), as the whole scan would find them.
     """
     with paused_gc():
-        return _scan_folder(root, include, exclude, extensionless)
+        return _scan_folder(root, include, exclude, extensionless, under)
 
 
-def _scan_folder(root, include, exclude, extensionless) -> tuple[list[str], list[FileStat]]:
+def _scan_folder(
+    root, include, exclude, extensionless, under: str = ""
+) -> tuple[list[str], list[FileStat]]:
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
@@ -123,7 +130,10 @@ def _scan_folder(root, include, exclude, extensionless) -> tuple[list[str], list
     inside = root + os.sep
     rels: list[str] = []
     stats: list[FileStat] = []
-    stack = [""]
+    under = under.strip("/")
+    if under and not _reachable(root, under):
+        return rels, stats
+    stack = [under]
     while stack:
         rel_dir = stack.pop()
         full_dir = os.path.join(root, rel_dir) if rel_dir else root
@@ -166,6 +176,56 @@ def _scan_folder(root, include, exclude, extensionless) -> tuple[list[str], list
         stats += [_new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino)) for _, st in sts]
     order = sorted(range(len(rels)), key=rels.__getitem__)
     return [rels[i] for i in order], [stats[i] for i in order]
+
+
+def _reachable(root: str, rel: str) -> bool:
+    """Whether the full scan walks into the folder ``rel``: no hidden part, and
+    no link on the way that leaves the source root."""
+    parts = rel.split("/")
+    if any(not p or p[0] == "." for p in parts):
+        return False
+    inside = root + os.sep
+    path = root
+    for p in parts:
+        path = os.path.join(path, p)
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if not (target == root or target.startswith(inside)):
+                return False
+    return os.path.isdir(path)
+
+
+def stat_file(
+    root: str | os.PathLike,
+    rel: str,
+    include: Sequence[str] = DEFAULT_INCLUDE,
+    exclude: Sequence[str] = (),
+    extensionless: bool = False,
+) -> FileStat | None:
+    """The stat of one file as :func:`scan_folder` would list it, or None where
+    the scan would not list it (gone, filtered out, hidden, not a regular file,
+    a link out of the root)."""
+    root = os.path.realpath(root)
+    rel = rel.strip("/")
+    if not rel:
+        return None
+    folder, _, name = rel.rpartition("/")
+    if not name or name[0] == "." or (folder and not _reachable(root, folder)):
+        return None
+    if not _matcher(include, exclude, extensionless)(name, rel):
+        return None
+    path = os.path.join(root, rel)
+    try:
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if not (target == root or target.startswith(root + os.sep)):
+                return None
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return _new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino))
 
 
 def _suffixes_only(include: Sequence[str], exclude: Sequence[str], bare: bool):

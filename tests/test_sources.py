@@ -107,7 +107,7 @@ def _reference_scan(root, include, exclude=(), extensionless=False):
     return [f[0] for f in found], [f[1] for f in found]
 
 
-def test_scan_agrees_with_the_one_entry_at_a_time_scan(tmp_path):
+def _tricky_tree(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     for d in ("a", "a/b", "a-b", ".hidden", "c"):
         (root / d).mkdir(parents=True)
@@ -136,21 +136,52 @@ def test_scan_agrees_with_the_one_entry_at_a_time_scan(tmp_path):
     (root / "outdir").symlink_to(outside)
     (root / "dangling.png").symlink_to(root / "nothing.png")
     os.mkfifo(root / "pipe.png")  # not a regular file
-    cases = [
-        {"include": DEFAULT_INCLUDE},
-        {"include": ("*.png",)},
-        {"include": ("*.dcm", "a/*"), "exclude": ("c/skip.*",)},
-        {"include": ("*.dcm",), "extensionless": True},
-        {"include": ("x.*", "*.jp?g")},
-        {"include": ("*.png",), "exclude": ("a*",)},
-    ]
-    for case in cases:
+    return root
+
+
+_CASES = [
+    {"include": DEFAULT_INCLUDE},
+    {"include": ("*.png",)},
+    {"include": ("*.dcm", "a/*"), "exclude": ("c/skip.*",)},
+    {"include": ("*.dcm",), "extensionless": True},
+    {"include": ("x.*", "*.jp?g")},
+    {"include": ("*.png",), "exclude": ("a*",)},
+]
+
+
+def test_scan_agrees_with_the_one_entry_at_a_time_scan(tmp_path):
+    root = _tricky_tree(tmp_path)
+    for case in _CASES:
         got = scan_folder(root, **case)
         assert got == _reference_scan(root, **case), case
         assert got[0] == sorted(got[0])
     rels, _ = scan_folder(root, include=("*.png",))
     assert "in.png" in rels and "out.png" not in rels and "pipe.png" not in rels
     assert ".secret.png" not in rels and "a-b/w.png" in rels
+
+
+def test_parts_of_a_scan_agree_with_the_whole(tmp_path):
+    """What ``flow watch`` rescans when notified: a sub-folder (``under=``) or one
+    file (``stat_file``) is listed exactly as the whole scan lists it."""
+    from flow.sources import stat_file
+
+    root = _tricky_tree(tmp_path)
+    on_disk = [
+        os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+        for d, dirs, files in os.walk(root, followlinks=False)
+        for n in dirs + files
+    ] + ["nothing/here.png", "a/nothing.dcm", "c2/keep.dcm", "outdir/o.png"]
+    for case in _CASES:
+        rels, stats = scan_folder(root, **case)
+        whole = dict(zip(rels, stats))
+        for d in ("a", "a/b", "c", "c2", ".hidden", "outdir", "nope", "x.png"):
+            got = scan_folder(root, under=d, **case)
+            assert got == (
+                [r for r in rels if r.startswith(d + "/")],
+                [whole[r] for r in rels if r.startswith(d + "/")],
+            ), (case, d)
+        for rel in on_disk:
+            assert stat_file(root, rel, **case) == whole.get(rel), (case, rel)
 
 
 def test_the_stat_cache_fast_path_sees_a_changed_file(tmp_path):

@@ -8,6 +8,7 @@ watcher builds, and that a build starts from the poll's own scan.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def _touch(path: Path, data: bytes, when: float) -> None:
 def test_watcher_builds_when_changes_settle(project, monkeypatch):
     rec = Recorder(monkeypatch)
     now = [1000.0]
-    w = Watcher(project, settle=10, clock=lambda: now[0])
+    w = Watcher(project, settle=10, clock=lambda: now[0], notify=False)
     images = Path(project.sources[0].path)
 
     assert w.poll() == "built"  # the first poll catches up at once
@@ -94,3 +95,66 @@ def test_watcher_builds_when_changes_settle(project, monkeypatch):
     assert len(rec.builds) == 3
     # 8 polls, 8 scans: each of the 3 builds used its poll's scan
     assert rec.scans == 8
+
+
+def _until(cond, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_notified_polls_read_only_what_changed(project, monkeypatch):
+    """Following the system's notifications, a poll re-reads only the files and
+    folders it was told of, and the result is what a full scan lists."""
+    rec = Recorder(monkeypatch)
+    now = [0.0]
+    images = Path(project.sources[0].path)
+    src = project.sources[0]
+    from flow.sources import scan_folder
+
+    def full() -> tuple:  # what a full scan lists (not counted as the watcher's)
+        return scan_folder(src.path, src.include, src.exclude, src.extensionless)
+
+    def caught_up() -> bool:  # notifications arrive on their own thread
+        return w.poll() is None and w._scans[src.path] == full()
+
+    with Watcher(project, settle=0, clock=lambda: now[0]) as w:
+        assert w.poll() == "built" and rec.scans == 1  # a full scan, then notifications
+        assert w._notes is not None
+        assert w.poll() is None and rec.scans == 1  # told of nothing: read nothing
+
+        (images / "new.png").write_bytes(b"new")
+        (images / ".hidden.png").write_bytes(b"hidden")  # a full scan skips these
+        (images / "notes.txt").write_bytes(b"not an image")
+        (images / "old0.png").unlink()
+        (images / "old1.png").write_bytes(b"rewritten, longer")
+        (images / "study").mkdir()
+        (images / "study" / "s1.png").write_bytes(b"s1")
+        _until(caught_up, "notified state equal to a full scan")
+        assert not w.pending and rec.scans == 1  # built, and never a full scan
+        assert rec.builds[-1] == ["new.png", "old1.png", "old2.png", "study/s1.png"]
+
+        os.rename(images / "study", images / "moved")  # a folder moved
+        _until(caught_up, "the move")
+        assert rec.builds[-1] == ["moved/s1.png", "new.png", "old1.png", "old2.png"]
+        assert rec.scans == 1
+        now[0] += 301  # past --rescan: a full scan again
+        w.poll()
+        assert rec.scans == 2
+    assert w._notes is None  # closed
+
+
+def test_without_notifications_every_poll_scans(project, monkeypatch):
+    rec = Recorder(monkeypatch)
+    warned = []
+    monkeypatch.setattr(
+        "nodes.watch._Notifications.__init__",
+        lambda self, roots: (_ for _ in ()).throw(OSError("inotify watch limit reached")),
+    )
+    w = Watcher(project, settle=0, clock=lambda: 0.0, warn=warned.append)
+    assert w.poll() == "built" and w.poll() is None and w.poll() is None
+    assert rec.scans == 3
+    assert warned == [
+        "file notifications unavailable (OSError: inotify watch limit reached); polling"
+    ]
