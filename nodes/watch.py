@@ -50,8 +50,22 @@ class _Notifications:
     _IGNORED = frozenset({"opened", "closed_no_write"})  # reads: a build's own
 
     def __init__(self, roots: dict[Any, str]):
+        from watchdog import events as ev
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
+
+        # what changes the files; not reads (a build reads every new image), which
+        # the kernel then does not even report
+        wanted = [
+            ev.FileCreatedEvent,
+            ev.FileDeletedEvent,
+            ev.FileModifiedEvent,
+            ev.FileMovedEvent,
+            ev.FileClosedEvent,
+            ev.DirCreatedEvent,
+            ev.DirDeletedEvent,
+            ev.DirMovedEvent,
+        ]
 
         self._lock = threading.Lock()
         self._changed: dict[Any, tuple[set[str], set[str]]] = {}
@@ -78,7 +92,7 @@ class _Notifications:
 
         self._observer = Observer()
         for key, real in roots.items():
-            self._observer.schedule(Handler(key, real), real, recursive=True)
+            self._observer.schedule(Handler(key, real), real, recursive=True, event_filter=wanted)
         self._observer.daemon = True
         self._observer.start()
 
