@@ -185,14 +185,18 @@ class Watcher:
             pattern = (src.include, src.exclude, src.extensionless)
             rels, stats = scans[src.path]
             now = dict(zip(rels, stats))
-            for d in dirs:
-                if not d:  # the root itself: everything
-                    now = dict(zip(*scan_folder(src.path, *pattern)))
-                    continue
-                inside = d + "/"
-                for rel in [r for r in now if r.startswith(inside)]:
-                    del now[rel]
-                now.update(zip(*scan_folder(src.path, *pattern, under=d)))
+            try:
+                for d in dirs:
+                    if not d:  # the root itself: everything
+                        now = dict(zip(*scan_folder(src.path, *pattern)))
+                        continue
+                    inside = d + "/"
+                    for rel in [r for r in now if r.startswith(inside)]:
+                        del now[rel]
+                    now.update(zip(*scan_folder(src.path, *pattern, under=d)))
+            except FileNotFoundError:  # the source folder went away: as a full scan
+                del scans[src.path]
+                continue
             for rel in files:
                 st = stat_file(src.path, rel, *pattern)
                 if st is None:

@@ -158,3 +158,28 @@ def test_without_notifications_every_poll_scans(project, monkeypatch):
     assert warned == [
         "file notifications unavailable (OSError: inotify watch limit reached); polling"
     ]
+
+
+def test_a_source_folder_removed_while_notified(project, monkeypatch):
+    """The poll drops its files (as a full scan would); the build then says which
+    folder is missing, as one line, not a traceback from the watcher."""
+    import shutil
+
+    from flow.errors import ConfigError
+
+    Recorder(monkeypatch)
+    images = Path(project.sources[0].path)
+    with Watcher(project, settle=0, clock=lambda: 0.0) as w:
+        assert w.poll() == "built"
+        shutil.rmtree(images)
+
+        def gone() -> bool:
+            try:
+                w.poll()
+            except ConfigError as e:
+                assert str(images) in str(e)
+                return True
+            return False
+
+        _until(gone, "the missing source reported")
+        assert str(images) not in "".join(w._seen)  # its files left the snapshot
