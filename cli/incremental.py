@@ -90,7 +90,7 @@ def compact(ctx, targets):
 
 @click.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
-@click.option("--interval", default=5.0, show_default=True, help="Seconds between scans.")
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between polls.")
 @click.option(
     "--settle",
     default=10.0,
