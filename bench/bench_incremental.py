@@ -12,10 +12,10 @@ not training.  ``--net`` says which CNN:
 * ``tiny``: a toy network with 8/16/32 channels, ~16x less compute per image
   (what earlier runs of this benchmark used; the per-build fixed cost then
   weighs ~4x more in the ratio).
-  Then 1% new images are added and the
-same build runs again.  Both builds include scanning, planning, the new
-index segment and the ref move, and are timed in the same run; the ratio is
-incremental / full.  ``--mode`` says how a build runs:
+
+Then 1% new images are added and the same build runs again.  Both builds
+include scanning, planning, the new index segment and the ref move, and are
+timed in the same run; the ratio is incremental / full.  ``--mode`` says how a build runs:
 
 * ``cluster`` (default): ``Workspace.build`` on one long-lived local Dask
   cluster of ``--workers`` processes, shared by all builds;
@@ -216,8 +216,8 @@ def main() -> None:
         "--mode",
         choices=("cluster", "watch", "cli"),
         default="cluster",
-        help="cluster: Workspace.build on one long-lived local cluster; watch: "
-        "Workspace.build making its own executor per build (as `flow watch`); cli: "
+        help="cluster: Workspace.build on one long-lived local cluster; watch: polls of "
+        "flow watch's Watcher in this process (settle 0); cli: "
         "`flow build index --target=all` subprocesses, start-up included",
     )
     ap.add_argument(

@@ -127,7 +127,6 @@ def _scan_folder(
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
     wanted = _matcher(include, exclude, extensionless)
     suffixes = _suffixes_only(include, exclude, extensionless)
-    inside = root + os.sep
     rels: list[str] = []
     stats: list[FileStat] = []
     under = under.strip("/")
@@ -148,10 +147,8 @@ def _scan_folder(
             if name[0] == ".":
                 continue
             try:
-                if e.is_symlink():
-                    target = os.path.realpath(e.path)
-                    if not (target == root or target.startswith(inside)):
-                        continue  # never follow a link out of the source root
+                if e.is_symlink() and not _within(root, e.path):
+                    continue  # never follow a link out of the source root
                 if e.is_dir():  # d_type: no system call unless a link
                     stack.append(pre + name)
                 else:
@@ -178,20 +175,23 @@ def _scan_folder(
     return [rels[i] for i in order], [stats[i] for i in order]
 
 
+def _within(root: str, path: str) -> bool:
+    """Whether ``path``, links resolved, is ``root`` or inside it."""
+    target = os.path.realpath(path)
+    return target == root or target.startswith(root + os.sep)
+
+
 def _reachable(root: str, rel: str) -> bool:
     """Whether the full scan walks into the folder ``rel``: no hidden part, and
     no link on the way that leaves the source root."""
     parts = rel.split("/")
     if any(not p or p[0] == "." for p in parts):
         return False
-    inside = root + os.sep
     path = root
     for p in parts:
         path = os.path.join(path, p)
-        if os.path.islink(path):
-            target = os.path.realpath(path)
-            if not (target == root or target.startswith(inside)):
-                return False
+        if os.path.islink(path) and not _within(root, path):
+            return False
     return os.path.isdir(path)
 
 
@@ -216,10 +216,8 @@ def stat_file(
         return None
     path = os.path.join(root, rel)
     try:
-        if os.path.islink(path):
-            target = os.path.realpath(path)
-            if not (target == root or target.startswith(root + os.sep)):
-                return None
+        if os.path.islink(path) and not _within(root, path):
+            return None
         st = os.stat(path)
     except OSError:
         return None
@@ -258,7 +256,7 @@ def _magic(s: str) -> bool:
     return any(ch in s for ch in "*?[")
 
 
-def _hostname() -> str:
+def hostname() -> str:
     """This machine's name (``socket.gethostname()``; read from ``uname`` where
     there is one, which a no-op build can do without importing socket)."""
     if hasattr(os, "uname"):
@@ -280,7 +278,7 @@ class StatCache:
     def __init__(self, store, root: str):
         self.store = store
         self.root = os.path.realpath(root)
-        digest = key(("stat-cache", _hostname(), self.root)).hex()[:16]
+        digest = key(("stat-cache", hostname(), self.root)).hex()[:16]
         self.path = f"cache/stat/{digest}.npz"
         self._paths: list[str] = []
         self._meta = np.zeros((0, 3), np.int64)  # size, mtime_ns, ino

@@ -47,15 +47,14 @@ class _Notifications:
     """The files and folders changed under each source root since the last
     :meth:`take`, as the operating system reports them (``watchdog``)."""
 
-    _IGNORED = frozenset({"opened", "closed_no_write"})  # reads: a build's own
-
     def __init__(self, roots: dict[Any, str]):
         from watchdog import events as ev
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
-        # what changes the files; not reads (a build reads every new image), which
-        # the kernel then does not even report
+        # what changes the files: not reads (a build reads every new image), which
+        # the kernel then does not even report, nor a folder's own mtime (its
+        # entries' events say what changed); watchdog delivers nothing else
         wanted = [
             ev.FileCreatedEvent,
             ev.FileDeletedEvent,
@@ -76,10 +75,6 @@ class _Notifications:
                 self.key, self.real = key, real
 
             def on_any_event(self, event: Any) -> None:
-                if event.event_type in outer._IGNORED:
-                    return
-                if event.is_directory and event.event_type == "modified":
-                    return  # a folder's own mtime: its entries' events say what changed
                 paths = [event.src_path]
                 if getattr(event, "dest_path", ""):
                     paths.append(event.dest_path)

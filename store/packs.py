@@ -46,6 +46,7 @@ import numpy as np
 from flow.errors import CorruptObject, StoreError
 from flow.keys import KEY_SIZE, Key, bytes_key, key
 from flow.node import Blob
+from flow.sources import hostname
 from store.abc import Store
 
 FORMAT = "flow/1"
@@ -165,7 +166,6 @@ class Recipe:
 def environment() -> dict:
     """Library versions and host, recorded in every manifest (not in keys)."""
     import importlib.metadata as md
-    import socket
 
     libs = {}
     for name in (
@@ -184,7 +184,7 @@ def environment() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             libs[name] = md.version(name)
     libs["python"] = platform.python_version()
-    return {"libs": libs, "host": socket.gethostname()}
+    return {"libs": libs, "host": hostname()}
 
 
 @dataclass

@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 from flow.errors import StoreError
+from flow.sources import hostname
 from store.abc import Store
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
@@ -115,7 +116,7 @@ def move_ref(
             "seq": seq,
             "previous": previous,
             "time": time.time(),
-            "host": _hostname(),
+            "host": hostname(),
             "user": _user(),
             "message": message,
             "objects": [list(o) for o in objects],
@@ -133,14 +134,8 @@ def move_ref(
     raise StoreError(f"ref {name!r}: could not find a free sequence number")
 
 
-def _hostname() -> str:
-    import socket  # here: reading refs (every build, a no-op too) needs neither
-
-    return socket.gethostname()
-
-
 def _user() -> str:
-    import getpass
+    import getpass  # here: reading refs (every build, a no-op too) needs it not
 
     try:
         return getpass.getuser()
