@@ -42,6 +42,8 @@ from typing import Any
 
 from flow.sources import paused_gc, scan_folder, stat_file
 
+_MISSING = (-1, -1)  # the snapshot's entry for a source folder that is not there
+
 
 class _Notifications:
     """The files and folders changed under each source root since the last
@@ -133,6 +135,7 @@ class Watcher:
         self.notify = notify  # use the OS's file notifications where they start
         self.rescan = rescan  # seconds between full scans when notified
         self._notes: _Notifications | None = None
+        self._noted: set[str] = set()  # the source folders notifications follow
         self._full_at: float | None = None  # when the last full scan ran
         self._built: dict | None = None  # the snapshot the last build saw
         self._seen: dict[str, tuple[int, int]] = {}
@@ -144,13 +147,14 @@ class Watcher:
 
     # -- finding changes --------------------------------------------------------------
 
-    def _start_notifications(self) -> None:
-        roots = {}
-        for src in self.project.sources:
-            if os.path.isdir(src.path):
-                roots[src.path] = os.path.realpath(src.path)
+    def _start_notifications(self, present: set[str]) -> None:
+        if self._notes is not None:
+            self._notes.close()
+            self._notes = None
+        roots = {path: os.path.realpath(path) for path in present}
         try:
             self._notes = _Notifications(roots)
+            self._noted = present
         except Exception as e:  # no watchdog, or the OS refused (inotify watch limit)
             self.notify = False
             self.warn(f"file notifications unavailable ({type(e).__name__}: {e}); polling")
@@ -158,10 +162,15 @@ class Watcher:
     def _full_scan(self) -> dict:
         from flow.errors import ConfigError
 
-        if self.notify and self._notes is None:
-            self._start_notifications()  # before the scan: nothing falls between
-        elif self._notes is not None:
-            self._notes.take()  # the scan sees all of that
+        if self.notify:
+            # a folder removed takes its notifications with it, and one mounted
+            # later has none yet: follow the folders there now, before the scan
+            # (nothing falls between)
+            present = {s.path for s in self.project.sources if os.path.isdir(s.path)}
+            if self._notes is None or present != self._noted:
+                self._start_notifications(present)
+            else:
+                self._notes.take()  # the scan sees all of that
         scans = {}
         for src in self.project.sources:
             try:
@@ -176,6 +185,9 @@ class Watcher:
         for src in self.project.sources:
             files, dirs = changes.get(src.path, ((), ()))
             if src.path not in scans or not (files or dirs):
+                continue
+            if not os.path.isdir(src.path):  # the source folder went away
+                del scans[src.path]  # as a full scan (its last events may be late)
                 continue
             pattern = (src.include, src.exclude, src.extensionless)
             rels, stats = scans[src.path]
@@ -210,6 +222,8 @@ class Watcher:
                 self._notes is not None
                 and self._full_at is not None
                 and now - self._full_at < self.rescan
+                # a source folder missing: full scans until it is back
+                and len(self._scans) == len(self.project.sources)
             )
             if notified:
                 changes = self._notes.take()  # type: ignore[union-attr]
@@ -225,6 +239,9 @@ class Watcher:
             for path, (rels, stats) in scans.items():
                 base = f"{path}/"
                 snap.update(zip([base + r for r in rels], [(st.size, st.mtime_ns) for st in stats]))
+            for src in self.project.sources:
+                if src.path not in scans:  # missing, not empty: a change of its own,
+                    snap[f"{src.path}/"] = _MISSING  # which its build reports
         self._scans = scans
         return scans, snap
 

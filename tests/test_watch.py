@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from flow.project import Project, load_project
 from nodes.api import Workspace
-from nodes.watch import Watcher
+from nodes.watch import _MISSING, Watcher
 
 TOML = """
 [store]
@@ -195,4 +196,94 @@ def test_a_source_folder_removed_while_notified(project, monkeypatch):
             return False
 
         _until(gone, "the missing source reported")
-        assert str(images) not in "".join(w._seen)  # its files left the snapshot
+        assert w._seen == {f"{images}/": _MISSING}  # its files left the snapshot
+
+
+class FakeNotifications:
+    """Stands in for the OS's notifications: the test says what arrives when."""
+
+    started: ClassVar[list[set]] = []  # the roots of each start
+    last: ClassVar[FakeNotifications]
+
+    def __init__(self, roots: dict):
+        FakeNotifications.started.append(set(roots))
+        self.queue: dict = {}
+        FakeNotifications.last = self
+
+    def arrive(self, path: str, files=(), dirs=()) -> None:
+        self.queue[path] = (set(files), set(dirs))
+
+    def take(self) -> dict:
+        queue, self.queue = self.queue, {}
+        return queue
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_source_emptied_then_removed_is_reported(project, monkeypatch):
+    """``rm -r images``: the files' deletions may reach a poll before the folder's
+    own.  The poll then sees an empty folder (and builds nothing new); the folder's
+    removal, at a later poll, is still a change, reported by the build.  Once the
+    folder is back, the watcher follows it again."""
+    import shutil
+
+    from flow.errors import ConfigError
+
+    monkeypatch.setattr("nodes.watch._Notifications", FakeNotifications)
+    FakeNotifications.started = []
+    rec = Recorder(monkeypatch)
+    src = project.sources[0].path
+    images = Path(src)
+    with Watcher(project, settle=0, clock=lambda: 0.0) as w:
+        assert w.poll() == "built"
+        assert FakeNotifications.started == [{src}]
+
+        for f in images.iterdir():
+            f.unlink()
+        FakeNotifications.last.arrive(src, files=["old0.png", "old1.png", "old2.png"])
+        assert w.poll() == "built" and rec.builds[-1] == []
+
+        images.rmdir()
+        FakeNotifications.last.arrive(src, dirs=[""])
+        with pytest.raises(ConfigError, match=str(src)):
+            w.poll()
+        with pytest.raises(ConfigError, match=str(src)):  # until it is back
+            w.poll()
+        # the first poll's full scan, the builds of the last two polls each trying
+        # to scan the missing folder, and the last poll's own full scan
+        assert rec.scans == 4
+
+        images.mkdir()
+        (images / "back.png").write_bytes(b"back")
+        assert w.poll() == "built" and rec.builds[-1] == ["back.png"]
+        assert FakeNotifications.started == [{src}, set(), {src}]  # followed again
+        (images / "more.png").write_bytes(b"more")
+        FakeNotifications.last.arrive(src, files=["more.png"])
+        assert w.poll() == "built" and rec.builds[-1] == ["back.png", "more.png"]
+        assert rec.scans == 5  # notified again: no full scan after the one that found it
+
+        shutil.rmtree(images)  # only the files' events came (the rest are late)
+        FakeNotifications.last.arrive(src, files=["back.png", "more.png"])
+        with pytest.raises(ConfigError, match=str(src)):
+            w.poll()
+
+
+@pytest.mark.parametrize("notify", [False, True])
+def test_an_empty_source_removed_is_reported(project, monkeypatch, notify):
+    """Missing is not empty: a source folder emptied, built, then removed is a
+    change too, whether scanned or notified."""
+    from flow.errors import ConfigError
+
+    monkeypatch.setattr("nodes.watch._Notifications", FakeNotifications)
+    Recorder(monkeypatch)
+    images = Path(project.sources[0].path)
+    for f in images.iterdir():
+        f.unlink()
+    with Watcher(project, settle=0, clock=lambda: 0.0, notify=notify) as w:
+        assert w.poll() == "built"
+        images.rmdir()
+        if notify:
+            FakeNotifications.last.arrive(project.sources[0].path, dirs=[""])
+        with pytest.raises(ConfigError, match=str(images)):
+            w.poll()
