@@ -132,45 +132,42 @@ def _scan_folder(
     under = under.strip("/")
     if under and not _reachable(root, under):
         return rels, stats
+    add_rel, add_stat = rels.append, stats.append
     stack = [under]
-    while stack:
+    while stack:  # one pass per entry, one system call per file (its stat)
         rel_dir = stack.pop()
-        full_dir = os.path.join(root, rel_dir) if rel_dir else root
+        pre = f"{rel_dir}/" if rel_dir else ""
         try:
-            entries = list(os.scandir(full_dir))
+            entries = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
         except OSError:
             continue
-        pre = f"{rel_dir}/" if rel_dir else ""
-        files: list[os.DirEntry] = []
-        for e in entries:
-            name = e.name
-            if name[0] == ".":
-                continue
-            try:
-                if e.is_symlink() and not _within(root, e.path):
-                    continue  # never follow a link out of the source root
-                if e.is_dir():  # d_type: no system call unless a link
-                    stack.append(pre + name)
-                else:
-                    files.append(e)
-            except OSError:
-                continue
-        if suffixes is not None:  # the common patterns (*.dcm, *.png...): one pass
-            files = [e for e in files if e.name.endswith(suffixes)]
-        else:
-            files = [e for e in files if wanted(e.name, pre + e.name)]
-        try:
-            sts = [(e.name, e.stat()) for e in files if e.is_file()]
-        except OSError:  # a file went away under the scan: one by one
-            sts = []
-            for e in files:
-                try:
-                    if e.is_file():
-                        sts.append((e.name, e.stat()))
-                except OSError:
+        with entries:
+            for e in entries:
+                name = e.name
+                if name[0] == ".":
                     continue
-        rels += [pre + name for name, _ in sts] if pre else [name for name, _ in sts]
-        stats += [_new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino)) for _, st in sts]
+                try:
+                    if e.is_symlink():
+                        if not _within(root, e.path):
+                            continue  # never follow a link out of the source root
+                        if e.is_dir():
+                            stack.append(pre + name)
+                            continue
+                    elif e.is_dir():  # d_type: no system call
+                        stack.append(pre + name)
+                        continue
+                    if suffixes is not None:  # the common patterns (*.dcm, *.png...)
+                        if not name.endswith(suffixes):
+                            continue
+                    elif not wanted(name, pre + name):
+                        continue
+                    if not e.is_file():
+                        continue
+                    st = e.stat()
+                except OSError:  # gone under the scan, or unreadable: not listed
+                    continue
+                add_rel(pre + name)
+                add_stat(_new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino)))
     order = sorted(range(len(rels)), key=rels.__getitem__)
     return [rels[i] for i in order], [stats[i] for i in order]
 
