@@ -479,7 +479,10 @@ class Builder:
         nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
         nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
         self.catalogs = catalogs if catalogs is not None else {}
-        for n in sorted(nodes_item - set(self.catalogs)):
+        # the catalogs this build loads are its own: it saves them when it ends
+        # (a caller that keeps its catalogs decides when they are saved)
+        self._loaded = sorted(nodes_item - set(self.catalogs))
+        for n in self._loaded:
             self.catalogs[n] = load_catalog(store, n)
         self._known = dict(known or {})
         self.objects = {n: ObjectCatalog(store, n) for n in sorted(nodes_set)}
@@ -837,8 +840,15 @@ class Builder:
         after = p if current else self.plan()
         self.report.after = after
         self.report.failures = self._failures + self._old_failures(after)
+        self._save_catalogs()
         self.report.seconds = time.perf_counter() - t0
         return self.report
+
+    def _save_catalogs(self) -> None:
+        from store.catalog import save_catalog
+
+        for n in self._loaded:
+            save_catalog(self.store, self.catalogs[n])
 
     def _old_failures(self, p: Plan) -> list[Failure]:
         """Failures recorded by earlier builds that this build's targets still hit."""

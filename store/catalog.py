@@ -410,8 +410,17 @@ def refresh_catalog(
         docs = _read_manifests(store, node, new)
         cat._add_manifests(sorted(docs, key=lambda d: (d["created"], d["id"])))
     if write_cache and cat._uncached >= max(1, cache_every):
+        save_catalog(store, cat)
+
+
+def save_catalog(store: Store, cat: Catalog) -> None:
+    """Rewrite ``cat``'s cache file if packs came or went since it was read or
+    written.  A build saves the catalogs it loaded when it ends, so that the
+    next load finds them whole instead of reading the build's manifests again
+    (the first no-op after a build of 100k items: 1.3-1.8 s against 0.65 s)."""
+    if cat._uncached:
         with contextlib.suppress(OSError):  # a cache we couldn't write: a slower next load
-            store.put(_cache_path(node), cat.to_bytes())
+            store.put(_cache_path(cat.node), cat.to_bytes())
             cat._uncached = 0
 
 

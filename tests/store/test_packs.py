@@ -299,3 +299,36 @@ def test_a_kept_catalog_is_refreshed_like_a_fresh_load(store):
     assert cat._uncached == 0
     assert load_catalog(store, "nd", write_cache=False).ids == cat.ids == ["c", "d"]
     assert store.get("cache/catalog/nd.npz") != cached
+
+
+def test_a_build_saves_the_catalogs_it_loaded(tmp_path, monkeypatch):
+    """The load after a build reads the catalog caches alone, no manifest: the build
+    saved the catalogs it loaded.  Catalogs a caller keeps between builds (``flow
+    watch``) are the caller's to save: a build given them leaves their caches."""
+    import store.catalog as sc
+    from flow import testing as ft
+    from flow.schedule import build
+
+    data = tmp_path / "data"
+    ft.write_synthetic_files(data, 6, size=8)
+    st = open_store(str(tmp_path / "store"))
+    kept: dict = {}
+    items, sources = ft.synthetic_inputs(data, st)
+    assert build(ft.synthetic_graph(), items, sources, st, catalogs=kept).ok
+    assert len(kept) == 3 and all(c._uncached == 0 for c in kept.values())
+    cached = {n: st.get(f"cache/catalog/{n}.npz") for n in kept}
+
+    def no_manifests(store, node, ids):
+        raise AssertionError(f"read {len(ids)} manifests of {node}")
+
+    with monkeypatch.context() as m:
+        m.setattr(sc, "_read_manifests", no_manifests)
+        for n, cat in kept.items():
+            assert load_catalog(st, n).ids == cat.ids and len(cat.ids) == 6
+
+    ft.write_synthetic_files(data, 2, size=8, start=6)
+    items, sources = ft.synthetic_inputs(data, st)
+    assert build(ft.synthetic_graph(), items, sources, st, catalogs=kept).ok
+    for n, cat in kept.items():
+        assert cat._uncached > 0 and st.get(f"cache/catalog/{n}.npz") == cached[n]
+        assert load_catalog(st, n).ids == cat.ids and len(cat.ids) == 8
