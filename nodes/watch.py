@@ -19,6 +19,11 @@ file system.  Without notifications (``notify=False``, ``flow watch --poll``,
 or where they cannot start) every poll is a full scan.  Either way the result
 is what a full scan would list, the same filters included.
 
+**A source folder that goes away** (unmounted, removed) is a change of its
+own, not an empty folder: the build after it says which folder is missing, as
+``flow build`` would, and until it is back every poll is a full scan (its
+notifications went with it).
+
 **Settling.**  A file counts as settled when its size and mtime held still for
 ``settle`` seconds, so a half-copied file waits; the first poll builds at once
 (catching up with what changed while nobody watched).
