@@ -720,9 +720,8 @@ class Builder:
                         try:
                             m = self.executor.result(fut)
                         except Exception as e:
-                            self._failures.append(
-                                Failure(name, "<set>", type(e).__name__, f"task failed: {e}")
-                            )
+                            reason = f"task failed: {e}{self._split_hint(name)}"
+                            self._failures.append(Failure(name, "<set>", type(e).__name__, reason))
                             r.failed += 1
                             self._gave_up.add(name)
                             self._after_task_error(e)
@@ -739,7 +738,7 @@ class Builder:
                                     name,
                                     "<set>",
                                     f["type"],
-                                    f["reason"],
+                                    f["reason"] + self._split_hint(name),
                                     f.get("traceback", ""),
                                     bad_input=bool(f.get("bad_input")),
                                 )
@@ -751,6 +750,23 @@ class Builder:
                 self.executor.cancel(pending)
                 raise
             p = self.plan()
+
+    def _split_hint(self, name: str) -> str:
+        """Why the set step ``name`` had nothing to learn from, where the splits
+        its inputs take select no item at all (else "")."""
+        if not len(self.items.ids):
+            return ""
+        empty = sorted(
+            {
+                s
+                for inp in self.graph[name].inputs
+                if inp.splits is not None and not self.items.in_splits(inp.splits).any()
+                for s in inp.splits
+            }
+        )
+        if not empty:
+            return ""
+        return f" (no item is in the split(s) {', '.join(map(repr, empty))} it learns from)"
 
     def _after_task_error(self, e: BaseException) -> None:
         """A task that met a corrupt input quarantined it: re-read the catalogs so
@@ -887,7 +903,7 @@ class Builder:
                             name,
                             item_id,
                             f.get("type", "?"),
-                            f.get("reason", "?"),
+                            f.get("reason", "?") + self._split_hint(name),
                             new=False,
                             bad_input=bool(f.get("bad_input")),
                         )

@@ -535,8 +535,14 @@ def _joined(first: Any, second: Any) -> Any:
     out.before = P(steps, list(dict.fromkeys(first.before.order + second.before.order)))
     for name, r in first.steps.items():
         out.steps.setdefault(name, r)
-    seen = {(f.step, f.id) for f in second.failures}
-    out.failures = [f for f in first.failures if (f.step, f.id) not in seen] + second.failures
+    # the second stage finds the first's failures stored ("recorded earlier"):
+    # one entry per (step, item), new if either stage saw it fail
+    merged: dict = {}
+    for f in first.failures + second.failures:
+        had = merged.get((f.step, f.id))
+        if had is None or (f.new and not had.new):
+            merged[(f.step, f.id)] = f
+    out.failures = list(merged.values())
     out.seconds += first.seconds
     out.interrupted = first.interrupted or second.interrupted
     return out

@@ -297,3 +297,23 @@ def test_demo_builds_queries_and_evaluates_better_than_the_baselines(tmp_path):
         ours, rand, prior = (rows[t][m]["avg"]["10"] for m in ("metrics", "random", "prior"))
         assert ours > prior + 0.2 and prior > rand, (t, ours, prior, rand)
     assert rows["bovw"]["metrics"]["avg"]["10"] > rows["bovw"]["random"]["avg"]["10"]
+
+
+def test_fits_with_no_training_split_say_why_once_new_then_recorded(tmp_path):
+    """No item in the [train] splits: each fit fails saying which split is empty,
+    counted as failed in this build, then as recorded earlier by the next."""
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        _png(tmp_path / "images" / f"im{i}.png", (), seed=i)
+    (tmp_path / "flow.toml").write_text(
+        '[store]\nurl = "store"\n[build]\nscheduler = "sync"\n'
+        '[[sources]]\npath = "images"\n[train]\nsplits = ["train"]\n'
+        '[targets.cnn]\nkind = "cnn"\n[targets.cnn.normalize]\nsize = 32\n'
+    )
+    out = run(tmp_path, "build", code=1)
+    assert "1 failed item(s) (1 in this build, 0 recorded earlier" in out, out
+    assert "embedder: <set>:" in out and "no item is in the split(s) 'train'" in out
+    assert "hint: an item's split comes from" in out
+    doc = run_json(tmp_path, "build", code=1)
+    assert [(f["step"], f["new"]) for f in doc["failures"]] == [("embedder", False)]
+    assert "no item is in the split(s) 'train'" in doc["failures"][0]["reason"]
