@@ -229,8 +229,10 @@ def _print_report(ctx, built) -> None:
 def status(ctx, targets, as_json):
     """Show, per target and step, what is fresh, stale (and why) or failed.
 
-    Computes nothing: it hashes new or changed source files (remembered in
-    the stat cache) and reads the store's catalogs.
+    Index and table steps count index segments, as the next build lays them
+    out ("new items: N": the items it will index in a new segment).  Computes
+    nothing: it hashes new or changed source files (remembered in the stat
+    cache) and reads the store's catalogs and the targets' refs.
     """
     from nodes.api import dumps, status_rows
 

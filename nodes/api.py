@@ -549,10 +549,24 @@ def _joined(first: Any, second: Any) -> Any:
 
 
 def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
-    """Per target and step: counts of fresh/stale/failed items, with reasons."""
+    """Per target and step: counts of fresh/stale/failed items, with reasons.
+
+    A target's index and table are counted in segments, as ``flow build`` lays
+    them out now (the ref's segments, a new one for items not indexed yet,
+    compaction where the policy calls for it); ``reasons`` then also counts
+    the ``new items`` the next build adds."""
+    from collections import Counter
+
+    from flow.plan import BLOCKED, FAILED, FRESH
+
     p = ws.plan(targets)
     names = list(ws.targets) if targets in ("all", ["all"]) else list(targets)
     g = ws.subgraph(targets)
+    items = ws.items()[0]
+    seg_g, layout = ws._segmented(names, p, compact=False)
+    seg_g = cull(seg_g, [s for t in names for pair in layout[t] for s in pair])
+    cats, objs = ws._catalogs(seg_g)
+    segs = plan(seg_g, items, cats, objs, known=p.steps)
     rows = []
     for t in names:
         steps = ws.targets[t]
@@ -560,6 +574,41 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
         for s in sub:
             st = sub[s]
             if st.kind == "source":
+                continue
+            if s in (steps["index"], steps["table"]):
+                which = 0 if s == steps["index"] else 1
+                c = Counter[str]()
+                reasons = Counter[str]()
+                for pair in layout[t]:
+                    c.update(segs.steps[pair[which]].counts())
+                    reasons.update(segs.steps[pair[which]].reason_counts())
+                # items the next build embeds, then indexes in a new segment
+                todo = np.ones(len(items), bool)
+                db = ws.project.database_splits
+                if db is not None:
+                    todo &= items.in_splits(db)
+                up = np.zeros(len(items), bool)
+                for v in steps["index_inputs"]:
+                    status = np.asarray(p.steps[v].status)
+                    up |= (status != FRESH) & ~np.isin(status, (FAILED, BLOCKED))
+                waiting = int(np.count_nonzero(todo & up))
+                if waiting:
+                    c["missing"] += 1
+                    reasons["new items"] += waiting
+                rows.append(
+                    {
+                        "target": t,
+                        "step": s,
+                        "node": st.node_name,
+                        "kind": st.kind,
+                        "fresh": c["fresh"],
+                        "stale": c["missing"] + c["pending"],
+                        "failed": c["failed"],
+                        "blocked": c["blocked"],
+                        "reasons": dict(reasons),
+                        "segments": len(layout[t]),
+                    }
+                )
                 continue
             sp = p.steps[s]
             c = sp.counts()

@@ -172,6 +172,12 @@ def test_eval_reports_metrics_beside_random(project, tmp_path):
 def test_five_new_images_recompute_only_their_items_and_the_indices(project, tmp_path):
     write_phantom_study(tmp_path, n=5, size=64, seed=77)  # new patients, new pixels
     shutil.copytree(tmp_path / "images", project / "new")
+    # status counts index segments: the one built, and one to add for 5 new items
+    index_rows = [r for r in run_json(project, "status") if r["kind"] == "set" and "segments" in r]
+    assert len(index_rows) == 6  # index and table of 3 targets
+    for r in index_rows:
+        assert (r["fresh"], r["stale"], r["segments"]) == (1, 1, 1), r
+        assert r["reasons"] == {"new items": 5}, r
     doc = run_json(project, "build")
     assert doc["ok"], doc["failures"]
     for step in ("decoded", "normalized", "embedding", "codes", "descriptors", "bovw_histogram"):
@@ -180,6 +186,9 @@ def test_five_new_images_recompute_only_their_items_and_the_indices(project, tmp
         assert doc["steps"].get(fit, {"computed": 0})["computed"] == 0  # pinned, not retrained
     for t in ("cnn", "bovw", "codes"):
         assert [s["count"] for s in doc["refs"][t]] == [52, 5]  # a new segment, old one kept
+    rows = run_json(project, "status")
+    assert all(r["stale"] == 0 for r in rows), [r for r in rows if r["stale"]]
+    assert all((r["fresh"], r["segments"]) == (2, 2) for r in rows if "segments" in r)
 
 
 def test_a_copied_file_computes_nothing_but_is_indexed(project):
