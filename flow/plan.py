@@ -594,6 +594,8 @@ def plan(
                 for i, r in enumerate(sp.reasons):
                     if isinstance(r, tuple):
                         sp.reasons[i] = _reason(step, cat.previous(name, items.ids[i]), r[1])
+                    elif r == "input changed" and cat.previous(name, items.ids[i]) is None:
+                        sp.reasons[i] = "missing"  # waiting on a new item: never built
             done[name] = sp
         else:
             done[name] = _plan_set_step(

@@ -131,6 +131,10 @@ def build(g, items, cats, objs, content: Callable = default_content, fail=()) ->
                 elif step.kind == "item":
                     ck = content(name, params_json(step.params), sp.rkeys[i], i)
                     cats[step.node_name].add(sp.rkeys[i], ck)
+                    # what a real catalog remembers of it (the reasons read it)
+                    cats[step.node_name].prev[(name, items.ids[i])] = Previous(
+                        str(step.node.version), step.node.fingerprint, params_json(step.params), ""
+                    )
                 else:
                     ck = content(name, params_json(step.params), sp.rkeys[0], 0)
                     objs[step.node_name].objs[bytes(sp.rkeys[0])] = SimpleNamespace(
@@ -155,6 +159,8 @@ def test_nothing_stored_is_missing_then_pending():
     assert states(p, "decoded") == [M] * 4
     assert p.steps["decoded"].reasons == ["missing"] * 4
     assert states(p, "feature") == [P] * 4 and states(p, "encoded") == [P] * 4
+    # waiting on items never built: missing too, not "input changed"
+    assert p.steps["feature"].reasons == ["missing"] * 4
     assert states(p, "vocabulary") == [P] and states(p, "indexed") == [P]
     assert p.missing("decoded") == [0, 1, 2, 3] and not p.done
     assert list(stale_rows(p.steps["feature"])) == [0, 1, 2, 3]
