@@ -230,7 +230,7 @@ def status(ctx, targets, as_json):
     """Show, per target and step, what is fresh, stale (and why) or failed.
 
     Index and table steps count index segments, as the next build lays them
-    out ("new items: N": the items it will index in a new segment).  Computes
+    out ("items to index: N": new or changed items it computes first).  Computes
     nothing: it hashes new or changed source files (remembered in the stat
     cache) and reads the store's catalogs and the targets' refs.
     """

@@ -553,8 +553,9 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
 
     A target's index and table are counted in segments, as ``flow build`` lays
     them out now (the ref's segments, a new one for items not indexed yet,
-    compaction where the policy calls for it); ``reasons`` then also counts
-    the ``new items`` the next build adds."""
+    compaction where the policy calls for it).  Items whose vectors the next
+    build computes first (new ones, or changed) are counted in ``reasons`` as
+    ``items to index``, with one more stale segment for them."""
     from collections import Counter
 
     from flow.plan import BLOCKED, FAILED, FRESH
@@ -582,7 +583,7 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
                 for pair in layout[t]:
                     c.update(segs.steps[pair[which]].counts())
                     reasons.update(segs.steps[pair[which]].reason_counts())
-                # items the next build embeds, then indexes in a new segment
+                # items whose vectors the next build computes, then indexes
                 todo = np.ones(len(items), bool)
                 db = ws.project.database_splits
                 if db is not None:
@@ -594,7 +595,7 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
                 waiting = int(np.count_nonzero(todo & up))
                 if waiting:
                     c["missing"] += 1
-                    reasons["new items"] += waiting
+                    reasons["items to index"] += waiting
                 rows.append(
                     {
                         "target": t,

@@ -177,7 +177,7 @@ def test_five_new_images_recompute_only_their_items_and_the_indices(project, tmp
     assert len(index_rows) == 6  # index and table of 3 targets
     for r in index_rows:
         assert (r["fresh"], r["stale"], r["segments"]) == (1, 1, 1), r
-        assert r["reasons"] == {"new items": 5}, r
+        assert r["reasons"] == {"items to index": 5}, r
     doc = run_json(project, "build")
     assert doc["ok"], doc["failures"]
     for step in ("decoded", "normalized", "embedding", "codes", "descriptors", "bovw_histogram"):
