@@ -211,7 +211,9 @@ def _print_report(ctx, built) -> None:
                 click.echo("    " + f.traceback.replace("\n", "\n    "), err=True)
         if len(rep.failures) > 50:
             click.echo(f"  ... and {len(rep.failures) - 50} more (--json lists all)", err=True)
-        if any("no item is in the split(s)" in f.reason for f in rep.failures):
+        from flow.schedule import NO_SPLIT_ITEMS
+
+        if any(NO_SPLIT_ITEMS in f.reason for f in rep.failures):
             click.echo(
                 "hint: an item's split comes from its source's labels CSV (split_column) "
                 "or from default_split in [[sources]]; [train] splits names those the "

@@ -443,6 +443,10 @@ def _batch_size(steps: list[Step], n_work: int, n_workers: int, override: int | 
     return size
 
 
+#: what a set step's failure reason says when its splits select no item at all
+NO_SPLIT_ITEMS = "no item is in the split(s)"
+
+
 class Builder:
     """Runs one build: plan, execute phase by phase, re-plan (see the module doc)."""
 
@@ -766,7 +770,7 @@ class Builder:
         )
         if not empty:
             return ""
-        return f" (no item is in the split(s) {', '.join(map(repr, empty))} it learns from)"
+        return f" ({NO_SPLIT_ITEMS} {', '.join(map(repr, empty))} it learns from)"
 
     def _after_task_error(self, e: BaseException) -> None:
         """A task that met a corrupt input quarantined it: re-read the catalogs so

@@ -383,6 +383,7 @@ class Workspace:
     def _move_refs(
         self, g: Graph, report: Any, names: list[str], layout: dict, *, eval: bool
     ) -> Built:
+        from flow.schedule import NO_SPLIT_ITEMS
         from store.refs import move_ref, read_ref
 
         out = Built(report)
@@ -397,6 +398,13 @@ class Workspace:
             # of the index and reported; items a node's code failed on stop the ref
             upstream = set(cull(g, [s for pair in pairs for s in pair]))
             bugs = [f for f in report.failures if f.step in upstream and not f.bad_input]
+            unfit = sorted({f.step for f in bugs if NO_SPLIT_ITEMS in f.reason})
+            if bugs and len(unfit) == len({f.step for f in bugs}):
+                out.incomplete[t] = (
+                    f"{', '.join(unfit)} had no items to learn from (their splits hold "
+                    "none); give the items splits and rebuild"
+                )
+                continue
             if bugs:
                 out.incomplete[t] = (
                     f"{len(bugs)} item(s) failed with code errors in "

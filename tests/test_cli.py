@@ -310,7 +310,8 @@ def test_demo_builds_queries_and_evaluates_better_than_the_baselines(tmp_path):
 
 def test_fits_with_no_training_split_say_why_once_new_then_recorded(tmp_path):
     """No item in the [train] splits: each fit fails saying which split is empty,
-    counted as failed in this build, then as recorded earlier by the next."""
+    counted as failed in this build, then as recorded earlier by the next; once
+    the items have splits, the next build trains and indexes them."""
     (tmp_path / "images").mkdir()
     for i in range(3):
         _png(tmp_path / "images" / f"im{i}.png", (), seed=i)
@@ -318,11 +319,26 @@ def test_fits_with_no_training_split_say_why_once_new_then_recorded(tmp_path):
         '[store]\nurl = "store"\n[build]\nscheduler = "sync"\n'
         '[[sources]]\npath = "images"\n[train]\nsplits = ["train"]\n'
         '[targets.cnn]\nkind = "cnn"\n[targets.cnn.normalize]\nsize = 32\n'
+        "[targets.cnn.embedder]\nepochs = 2\ndim = 16\n"
     )
     out = run(tmp_path, "build", code=1)
     assert "1 failed item(s) (1 in this build, 0 recorded earlier" in out, out
     assert "embedder: <set>:" in out and "no item is in the split(s) 'train'" in out
     assert "hint: an item's split comes from" in out
+    assert "ref cnn NOT moved: embedder had no items to learn from" in out
     doc = run_json(tmp_path, "build", code=1)
     assert [(f["step"], f["new"]) for f in doc["failures"]] == [("embedder", False)]
     assert "no item is in the split(s) 'train'" in doc["failures"][0]["reason"]
+    # splits given: the fit's inputs are new, so it runs again without --retry-failed
+    (tmp_path / "labels.csv").write_text(
+        "file,split,finding_labels\n"
+        + "".join(
+            f"images/im{i}.png,train,{('Effusion', 'Mass', 'No Finding')[i]}\n" for i in range(3)
+        )
+    )
+    toml = (tmp_path / "flow.toml").read_text()
+    (tmp_path / "flow.toml").write_text(
+        toml.replace('path = "images"\n', 'path = "images"\nlabels = "labels.csv"\n')
+    )
+    doc = run_json(tmp_path, "build")
+    assert doc["ok"] and doc["failures"] == [] and [s["count"] for s in doc["refs"]["cnn"]] == [3]
