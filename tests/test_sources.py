@@ -229,3 +229,35 @@ def test_paused_gc_restores_the_collector_state():
     with pytest.raises(RuntimeError), paused_gc():
         raise RuntimeError("boom")
     assert gc.isenabled()
+
+
+def test_a_file_gone_under_the_scan_is_left_out(tmp_path, monkeypatch):
+    """A file removed between the folder's listing and its stat (a copy tool's temp
+    file, a study being moved): not listed, and the scan goes on."""
+    import flow.sources as fs
+
+    for name in ("a.png", "b.png", "c.png"):
+        _write(tmp_path / name, name.encode())
+    real_scandir = os.scandir
+
+    class Vanishing:
+        """Lists what the folder held; ``b.png`` is gone by the time it is read."""
+
+        def __init__(self, path):
+            self._it = real_scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._it.close()
+
+        def __iter__(self):
+            for e in self._it:
+                if e.name == "b.png":
+                    os.unlink(e.path)
+                yield e
+
+    monkeypatch.setattr(fs.os, "scandir", Vanishing)
+    rels, stats = scan_folder(tmp_path, include=("*.png",))
+    assert rels == ["a.png", "c.png"] and [s.size for s in stats] == [5, 5]
