@@ -579,48 +579,33 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
     rows = []
     for t in names:
         steps = ws.targets[t]
+        # items whose vectors the next build computes, then indexes
+        todo = np.ones(len(items), bool)
+        if ws.project.database_splits is not None:
+            todo &= items.in_splits(ws.project.database_splits)
+        up = np.zeros(len(items), bool)
+        for v in steps["index_inputs"]:
+            status = np.asarray(p.steps[v].status)
+            up |= (status != FRESH) & ~np.isin(status, (FAILED, BLOCKED))
+        waiting = int(np.count_nonzero(todo & up))
         sub = cull(g, [steps["index"], steps["table"]])
         for s in sub:
             st = sub[s]
             if st.kind == "source":
                 continue
+            extra = {}
             if s in (steps["index"], steps["table"]):
                 which = 0 if s == steps["index"] else 1
-                c = Counter[str]()
-                reasons = Counter[str]()
+                c, reasons = Counter[str](), Counter[str]()
                 for pair in layout[t]:
                     c.update(segs.steps[pair[which]].counts())
                     reasons.update(segs.steps[pair[which]].reason_counts())
-                # items whose vectors the next build computes, then indexes
-                todo = np.ones(len(items), bool)
-                db = ws.project.database_splits
-                if db is not None:
-                    todo &= items.in_splits(db)
-                up = np.zeros(len(items), bool)
-                for v in steps["index_inputs"]:
-                    status = np.asarray(p.steps[v].status)
-                    up |= (status != FRESH) & ~np.isin(status, (FAILED, BLOCKED))
-                waiting = int(np.count_nonzero(todo & up))
                 if waiting:
                     c["missing"] += 1
                     reasons["items to index"] += waiting
-                rows.append(
-                    {
-                        "target": t,
-                        "step": s,
-                        "node": st.node_name,
-                        "kind": st.kind,
-                        "fresh": c["fresh"],
-                        "stale": c["missing"] + c["pending"],
-                        "failed": c["failed"],
-                        "blocked": c["blocked"],
-                        "reasons": dict(reasons),
-                        "segments": len(layout[t]),
-                    }
-                )
-                continue
-            sp = p.steps[s]
-            c = sp.counts()
+                extra = {"segments": len(layout[t])}
+            else:
+                c, reasons = p.steps[s].counts(), p.steps[s].reason_counts()
             rows.append(
                 {
                     "target": t,
@@ -631,7 +616,8 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
                     "stale": c["missing"] + c["pending"],
                     "failed": c["failed"],
                     "blocked": c["blocked"],
-                    "reasons": sp.reason_counts(),
+                    "reasons": dict(reasons),
+                    **extra,
                 }
             )
     return rows
