@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# CI: make a real Slurm available to tests/cluster.
+# CI: make a real Slurm available to tests/slurm.
 #
 # Installs Debian's slurm-wlm (slurmctld, slurmd, sbatch/squeue/...) and munge
 # when missing, then checks that a private single-node Slurm starts here: the
-# LocalSlurm of tests/cluster/conftest.py (its own slurm.conf, munge key and
+# LocalSlurm of tests/slurm/conftest.py (its own slurm.conf, munge key and
 # socket, free ports, all under a temporary folder) runs one job and is stopped
 # again.  Nothing is left running and /etc is not configured: the tests start
 # and stop their own daemons.
@@ -39,7 +39,7 @@ if [ "$(id -u)" != 0 ]; then say "not root: slurmd cannot run jobs"; exit 1; fi
 
 timeout 120 python - <<'EOF' || { say "a private Slurm does not start here"; exit 1; }
 import importlib.util, sys, tempfile
-spec = importlib.util.spec_from_file_location("slurm_conftest", "tests/cluster/conftest.py")
+spec = importlib.util.spec_from_file_location("slurm_conftest", "tests/slurm/conftest.py")
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 with tempfile.TemporaryDirectory(prefix="slurm-check-") as tmp:

@@ -1,7 +1,7 @@
 """Framework benchmarks (issue: core).  Run: ``python bench/bench_core.py [--quick]``.
 
 On a synthetic catalog of small files and the generic chain of
-:mod:`flow.testing` (3 per-item nodes + 1 set node):
+:mod:`engine.testing` (3 per-item nodes + 1 set node):
 
 * **no-op**: plan + check with nothing stale (scan, stat cache, catalogs,
   plan), at 10k and 100k items; median of several runs.
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flow import testing as ft
-from flow.schedule import build, get_executor
+from engine import testing as ft
+from engine.builder import build
+from engine.executors import get_executor
 from store import open_store
 
 

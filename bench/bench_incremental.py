@@ -19,7 +19,7 @@ timed in the same run; the ratio is incremental / full.  ``--mode`` says how a b
 
 * ``cluster`` (default): ``Workspace.build`` on one long-lived local Dask
   cluster of ``--workers`` processes, shared by all builds;
-* ``watch``: ``flow watch``'s own loop (:class:`nodes.watch.Watcher`, settle 0)
+* ``watch``: ``flow watch``'s own loop (:class:`app.watch.Watcher`, settle 0)
   in this process: a build is one poll (reading what the file notifications
   name, or a full scan with ``--poll``), each making its own executor (a local
   cluster for big builds, threads of this process below ``[build]
@@ -141,10 +141,10 @@ def run(
     net: str = "flow",
     notify: bool = True,
 ) -> dict:
-    from flow.project import load_project
-    from flow.schedule import get_executor
-    from nodes.api import Workspace
-    from nodes.watch import Watcher
+    from app.project import load_project
+    from app.watch import Watcher
+    from app.workspace import Workspace
+    from engine.executors import get_executor
 
     _images(root / "images", 0, items)
     weights = "cnn.pt" if net == "flow" else "cnn.onnx"

@@ -239,13 +239,13 @@ class _FlowInProc:
     """``Workspace.build`` with one long-lived local cluster (as ``flow watch``)."""
 
     def __init__(self, folder: Path):
-        from flow.schedule import get_executor
+        from engine.executors import get_executor
 
         self.name, self.folder = "flow-inproc", folder
         self.executor = get_executor("local", WORKERS)
 
     def run(self) -> float:
-        from nodes.api import Workspace
+        from app.workspace import Workspace
 
         t0 = time.perf_counter()
         built = Workspace.open(self.folder).build("all", executor=self.executor, progress=False)
@@ -351,7 +351,7 @@ def _check(tools: list, n: int) -> dict:
     counts = {}
     for t in tools:
         if t.name.startswith("flow"):
-            from nodes.api import Workspace
+            from app.workspace import Workspace
 
             counts[t.name] = Workspace.open(t.folder).retriever("cnn").count
         else:

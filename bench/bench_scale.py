@@ -1,6 +1,6 @@
 """No-op planning at archive scale.  Run: ``python bench/bench_scale.py [--million]``.
 
-* 100k real files: the generic 3+1 node chain of :mod:`flow.testing` built
+* 100k real files: the generic 3+1 node chain of :mod:`engine.testing` built
   once, then "plan + check" with nothing stale (scan, stat cache, catalogs,
   plan), median of several runs.  The first run comes right after the build,
   as a user's next ``flow build`` would; it is also printed on its own.
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flow import testing as ft
+from engine import testing as ft
+from engine.builder import build
 from flow.keys import KEY_SIZE, item_key
 from flow.plan import ItemTable, plan
-from flow.schedule import build
 from store import open_store
 from store.catalog import ObjectCatalog, load_catalog
 

@@ -1,13 +1,13 @@
 """Slurm benchmarks (issue 5).  Run: ``python bench/bench_slurm.py [--runs 5] [--json F]``.
 
 Starts a private single-node Slurm (munged + slurmctld + slurmd, see
-``tests/cluster/conftest.py``; needs root and ``slurm-wlm``) unless
+``tests/slurm/conftest.py``; needs root and ``slurm-wlm``) unless
 ``--external`` says to use the Slurm that ``sbatch`` already talks to, and
-measures, on the synthetic pipeline of :mod:`flow.testing`:
+measures, on the synthetic pipeline of :mod:`engine.testing`:
 
 * **throughput**: items/s of a CPU-bound build (``smoothed`` with ``work``)
   on 1, 2 and 4 single-threaded Dask workers, started three ways: as
-  single-core Slurm jobs through dask-jobqueue (``flow.cluster``); as the
+  single-core Slurm jobs through dask-jobqueue (``engine.cluster``); as the
   same worker command run directly, each in its own session (as slurmstepd
   runs a job); and as flow's default ``local`` executor (a ``LocalCluster``,
   whose workers share this process's session).  A fresh store per run,
@@ -47,14 +47,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flow.cluster import cluster_config, cluster_executor  # noqa: E402
-from flow.schedule import DaskExecutor, build, get_executor  # noqa: E402
-from flow.testing import synthetic_graph, synthetic_inputs, write_synthetic_files  # noqa: E402
+from engine.builder import build  # noqa: E402
+from engine.cluster import cluster_config, cluster_executor  # noqa: E402
+from engine.executors import DaskExecutor, get_executor  # noqa: E402
+from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files  # noqa: E402
 from store import open_store  # noqa: E402
 
 
 def _local_slurm():
-    """tests/cluster/conftest.py's LocalSlurm (loaded by path: tests is no package)."""
+    """tests/slurm/conftest.py's LocalSlurm (loaded by path: tests is no package)."""
     spec = importlib.util.spec_from_file_location(
         "flow_slurm_conftest", ROOT / "tests" / "cluster" / "conftest.py"
     )

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from app.evaluation import _prior_rankings
 from flow import Items, key
 from nodes import _cnn
 from nodes.embed import embedder, embedding
 from nodes.metrics import label_matrix, random_rankings, retrieval_metrics
-from nodes.retrieval import _prior_rankings
 
 NIH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih-dev"
 

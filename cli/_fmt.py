@@ -40,3 +40,10 @@ def seconds(s: float) -> str:
     if s < 120:
         return f"{s:.1f} s"
     return f"{s / 60:.1f} min"
+
+
+def dumps(obj) -> str:
+    """JSON for ``--json`` output (anything unknown printed as text)."""
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)

@@ -115,7 +115,7 @@ def build(
     ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); store {ws.store.url}")
     executor = None
     if cluster_kind or (scheduler or ws.project.scheduler) == "slurm":
-        from flow.cluster import cluster_executor
+        from engine.cluster import cluster_executor
 
         kind = cluster_kind or "slurm"
         executor = cluster_executor(ws.project, kind, workers=workers, log=ctx.log)
@@ -146,7 +146,7 @@ def build(
         doc["fits"] = built.fits
         doc["unchanged"] = built.unchanged
         doc["incomplete"] = built.incomplete
-        from nodes.api import dumps
+        from cli._fmt import dumps
 
         click.echo(dumps(doc))
     else:
@@ -211,7 +211,7 @@ def _print_report(ctx, built) -> None:
                 click.echo("    " + f.traceback.replace("\n", "\n    "), err=True)
         if len(rep.failures) > 50:
             click.echo(f"  ... and {len(rep.failures) - 50} more (--json lists all)", err=True)
-        from flow.schedule import NO_SPLIT_ITEMS
+        from engine.builder import NO_SPLIT_ITEMS
 
         if any(NO_SPLIT_ITEMS in f.reason for f in rep.failures):
             click.echo(
@@ -236,7 +236,8 @@ def status(ctx, targets, as_json):
     nothing: it hashes new or changed source files (remembered in the stat
     cache) and reads the store's catalogs and the targets' refs.
     """
-    from nodes.api import dumps, status_rows
+    from app.status import status_rows
+    from cli._fmt import dumps
 
     rows = status_rows(ctx.workspace, _targets(targets))
     if as_json:

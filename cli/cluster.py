@@ -5,7 +5,7 @@ The job script asks for one node's worth of ``[cluster]`` resources
 ``job_extra`` directive) and runs ``flow build index`` inside the allocation
 on a local Dask cluster of ``cores`` workers -- nothing has to stay running
 where it was submitted.  (To spread one build over many jobs instead, use
-``flow build --cluster slurm``; see :mod:`flow.cluster`.)
+``flow build --cluster slurm``; see :mod:`engine.cluster`.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import click
 from cli.main import handle_errors, pass_ctx
 
 if TYPE_CHECKING:
-    from flow.cluster import ClusterConfig
+    from engine.cluster import ClusterConfig
 
 _ENTRY = "from cli.main import main; main()"
 
@@ -67,10 +67,10 @@ def submit(ctx, targets, script_path, dry_run, write_only, wait, timeout, job_na
     output goes to [cluster] log_directory (default .flow/slurm/).  Options
     after `--` go to `flow build`, e.g. `flow submit -- --retry-failed`.
     """
+    from app.project import load_project
     from cli.build import build as build_cmd
-    from flow.cluster import cluster_config
+    from engine.cluster import cluster_config
     from flow.errors import FlowError
-    from flow.project import load_project
 
     project = load_project(ctx.project_path, store=ctx.store_url)
     where = f"{project.file}: [cluster]"
@@ -179,7 +179,7 @@ def batch_script(
 def submit_script(path: str | os.PathLike) -> str:
     """``sbatch path``; the job id.  A :class:`ConfigError` with Slurm's reason
     when it refuses the job."""
-    from flow.cluster import slurm_command
+    from engine.cluster import slurm_command
     from flow.errors import ConfigError
 
     out = slurm_command(["sbatch", "--parsable", str(path)], check=False)
@@ -194,7 +194,7 @@ def job_state(job_id: str) -> tuple[str, str]:
 
     Asks ``scontrol`` (which remembers finished jobs for MinJobAge), then
     ``sacct`` where accounting is on; ``("UNKNOWN", "")`` if neither knows."""
-    from flow.cluster import slurm_command
+    from engine.cluster import slurm_command
 
     out = slurm_command(["scontrol", "-o", "show", "job", str(job_id)], check=False)
     if out.returncode == 0:
@@ -218,7 +218,7 @@ def wait_for_job(
 ) -> tuple[str, str]:
     """Poll until the job has ended; its (state, exit code).  ``TimeoutError``
     after ``timeout`` seconds (the job keeps running)."""
-    from flow.cluster import LIVE_STATES
+    from engine.cluster import LIVE_STATES
 
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     last = None

@@ -125,7 +125,7 @@ def watch(ctx, folders, interval, settle, scheduler, poll_only, rescan):
     `flow build index --target=all`, which computes only the new work and adds
     an index segment.  Ctrl-C stops between builds.
     """
-    from nodes.watch import Watcher
+    from app.watch import Watcher
 
     project = ctx.workspace.project
     if folders:

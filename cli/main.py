@@ -32,7 +32,7 @@ class Context:
     @property
     def workspace(self):
         if self._ws is None:
-            from nodes.api import Workspace
+            from app.workspace import Workspace
 
             self._ws = Workspace.open(self.project_path, store=self.store_url)
         return self._ws

@@ -128,7 +128,7 @@ def explain(ctx, what, depth, as_json):
 
 def _indices_holding(ws, path: str) -> list[dict]:
     """Targets whose current index holds the item of ``path``."""
-    from nodes.retrieval import Retriever
+    from app.retrieval import Retriever
     from store.refs import read_ref
 
     items, _, meta = ws.items()
@@ -280,8 +280,8 @@ def gc(ctx, delete, keep, grace, as_json):
 @handle_errors
 def graph(ctx, output, targets):
     """Draw the targets' graph to OUTPUT (.png, .svg, or .dot), stale steps marked."""
+    from app.draw import dot, draw
     from cli.build import _targets
-    from flow.draw import dot, draw
 
     ws = ctx.workspace
     names = _targets(targets)

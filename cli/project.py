@@ -170,8 +170,8 @@ def demo(ctx, folder, n, epochs, scheduler, k):
     FOLDER/flow.toml, then runs build, query and eval there.  Running it
     again reuses everything already built.
     """
-    from nodes.api import Workspace
-    from nodes.phantoms import write_phantom_study
+    from app.phantoms import write_phantom_study
+    from app.workspace import Workspace
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def query(ctx, image, target, k, search_k, as_json, montage):
     IMAGE, then searches the target's current index.  Reads only the ref, the
     index and the fit objects: nothing is trained or recomputed.
     """
-    from nodes.retrieval import Retriever
+    from app.retrieval import Retriever
 
     store = _store(ctx)
     retr = Retriever.open(store, target)
@@ -55,7 +55,7 @@ def query(ctx, image, target, k, search_k, as_json, montage):
             )
         )
     if montage:
-        from nodes.montage import montage as draw
+        from app.montage import montage as draw
 
         paths = _paths(ctx)
         draw(retr, image, hits, paths, montage)
@@ -68,7 +68,7 @@ def _store(ctx):
         from store import open_store
 
         return open_store(ctx.store_url)
-    from flow.project import load_project
+    from app.project import load_project
 
     return load_project(ctx.project_path, store=ctx.store_url).open_store()
 
@@ -154,7 +154,7 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
             )
         )
     if plot:
-        from nodes.retrieval import plot_metrics
+        from app.evaluation import plot_metrics
 
         plot_metrics(results, plot)
         ctx.log(f"wrote {plot}")

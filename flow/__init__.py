@@ -2,7 +2,8 @@
 
 from flow.errors import ItemError
 from flow.keys import Key, key
-from flow.node import Blob, Items, Node, node
+from flow.node import Items, Node, node
+from flow.values import Blob
 
 __all__ = ["Blob", "ItemError", "Items", "Key", "Node", "key", "node"]
 __version__ = "0.1.0"

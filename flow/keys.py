@@ -31,7 +31,7 @@ optional libraries, resolved the first time a value of that module is seen)::
     '6c2f...'
 
 Keys of files are computed by :func:`file_key` over the file's bytes (see
-:mod:`flow.sources` for the stat cache that hashes each unchanged file once).
+:mod:`engine.scan` for the stat cache that hashes each unchanged file once).
 Per-item recipe keys are derived in bulk by :func:`item_key`, which hashes a
 node-level prefix digest with the input keys -- no per-item encoding work.
 """

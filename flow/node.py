@@ -68,38 +68,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flow.keys import Key, bytes_key, key, register
+from flow.keys import Key, key
+from flow.values import Blob
 
 __all__ = ["Blob", "Items", "Node", "fingerprint", "node"]
 
 
 # --------------------------------------------------------------------------
 # values nodes exchange
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Blob:
-    """Opaque bytes a node returns as-is, e.g. a serialized index or model.
-
-    Stored as a plain file beside the object's arrays, so readers can map it
-    without zarr (annoy memory-maps its index file this way).
-    """
-
-    data: bytes
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Blob) and self.data == other.data
-
-    def __hash__(self) -> int:
-        return hash(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
-@register(Blob)
-def _encode_blob(value: Blob, out: list) -> None:
-    out.append(b"B" + bytes(bytes_key(value.data)))
 
 
 class Items(Sequence):

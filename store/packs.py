@@ -45,9 +45,9 @@ import numpy as np
 
 from flow.errors import CorruptObject, StoreError
 from flow.keys import KEY_SIZE, Key, bytes_key, key
-from flow.node import Blob
-from flow.sources import hostname
+from flow.values import Blob
 from store.abc import Store
+from store.host import hostname
 
 FORMAT = "flow/1"
 _BARE = "_"  # field name of a node output that is a bare array

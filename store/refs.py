@@ -22,8 +22,8 @@ import uuid
 from typing import Any
 
 from flow.errors import StoreError
-from flow.sources import hostname
 from store.abc import Store
+from store.host import hostname
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
 _SEQ_DIGITS = 12

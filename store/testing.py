@@ -39,7 +39,7 @@ import pytest
 
 from flow.errors import CorruptObject, StoreError
 from flow.keys import key
-from flow.node import Blob
+from flow.values import Blob
 from store.abc import Store
 from store.catalog import Catalog, load_catalog
 from store.packs import (

@@ -1,1 +1,1 @@
-"""Fault injection and bad-input tests beyond tests/core (see RELIABILITY.md)."""
+"""Fault injection: kills, interrupts, corrupt stores and hostile input (see RELIABILITY.md)."""

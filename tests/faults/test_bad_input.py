@@ -122,8 +122,8 @@ def _pillow_images() -> dict[str, bytes]:
 
 
 def _phantom_dicoms(folder: Path) -> dict[str, bytes]:
-    """Phantom DICOMs written by nodes.phantoms: one per transfer syntax it picks."""
-    from nodes.phantoms import write_phantom_study
+    """Phantom DICOMs written by app.phantoms: one per transfer syntax it picks."""
+    from app.phantoms import write_phantom_study
 
     write_phantom_study(folder, n=10, size=32, seed=5)
     out: dict[str, bytes] = {}
@@ -738,8 +738,8 @@ def _object_npz(marker: Path, names: list[str]) -> bytes:
 
 
 def test_crafted_caches_with_pickled_objects_are_not_unpickled(tmp_path):
-    from flow.sources import StatCache
-    from flow.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
+    from engine.scan import StatCache
+    from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
     from store import open_store
     from store.catalog import load_catalog
 
@@ -747,7 +747,7 @@ def test_crafted_caches_with_pickled_objects_are_not_unpickled(tmp_path):
     write_synthetic_files(data, 12)
     st = open_store(root)
     items, sources = synthetic_inputs(data, st)
-    from flow.schedule import build
+    from engine.builder import build
 
     assert build(synthetic_graph(), items, sources, st, progress=False).ok
     clean = load_catalog(st, "parsed", write_cache=False)
@@ -768,8 +768,8 @@ def test_crafted_caches_with_pickled_objects_are_not_unpickled(tmp_path):
 
 
 def test_zarr_metadata_asking_for_a_pickle_codec_is_refused(tmp_path):
+    from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
     from flow.errors import CorruptObject
-    from flow.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
     from store import open_store
     from store.maintenance import verify
     from store.packs import PackReader
@@ -778,7 +778,7 @@ def test_zarr_metadata_asking_for_a_pickle_codec_is_refused(tmp_path):
     write_synthetic_files(data, 6)
     st = open_store(root)
     items, sources = synthetic_inputs(data, st)
-    from flow.schedule import build
+    from engine.builder import build
 
     assert build(synthetic_graph(), items, sources, st, progress=False).ok
     [meta] = (root / "packs" / "parsed").glob("*/_/zarr.json")
@@ -825,8 +825,8 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_odd_source_names_never_escape_the_store(tmp_path):
-    from flow.schedule import build
-    from flow.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
+    from engine.builder import build
+    from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
     from store import open_store
     from store.catalog import load_catalog
 
@@ -864,8 +864,8 @@ def test_odd_source_names_never_escape_the_store(tmp_path):
 
 
 def test_source_name_that_is_not_utf8(tmp_path):
-    from flow.schedule import build
-    from flow.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
+    from engine.builder import build
+    from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
     from store import open_store
 
     data = tmp_path / "data"

@@ -1,4 +1,4 @@
-"""Faults beyond tests/core: the Dask scheduler killed, a full disk, corrupted stored
+"""Faults beyond test_kills.py: the Dask scheduler killed, a full disk, corrupted stored
 bytes, a source rewritten mid-build, gc running beside builds.
 
 Every case checks the same three things: nothing that was published is lost, nothing
@@ -6,8 +6,8 @@ incomplete reads as complete (every pack the catalog lists reads back and keys t
 content keys; ``store.maintenance.verify`` finds nothing), and the next build converges
 to the content of a clean synchronous build (``reference``).
 
-The synthetic pipeline of :mod:`flow.testing` (files -> parsed -> smoothed -> histogram
--> mean_histogram) and the fixtures of ``tests/core/conftest.py`` are reused.  Tests
+The synthetic pipeline of :mod:`engine.testing` (files -> parsed -> smoothed -> histogram
+-> mean_histogram) and the helpers of ``tests/processes.py`` are reused.  Tests
 marked ``xfail(strict=True)`` pin a bug found here (see RELIABILITY.md): they start
 passing -- and must then be flipped -- when it is fixed.
 """
@@ -29,13 +29,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-import flow.worker
-import tests.core.conftest as core_fixtures
-from flow import Blob, Items, node
-from flow.graph import Graph
-from flow.plan import FAILED, FRESH, plan
-from flow.schedule import build, get_executor
-from flow.testing import (
+import engine.worker
+from engine.builder import build
+from engine.executors import get_executor
+from engine.testing import (
     histogram,
     parsed,
     smoothed,
@@ -43,11 +40,14 @@ from flow.testing import (
     synthetic_inputs,
     write_synthetic_files,
 )
+from flow import Blob, Items, node
+from flow.graph import Graph
+from flow.plan import FAILED, FRESH, plan
 from store import open_store
 from store.catalog import ObjectCatalog, load_catalog
 from store.local import LocalStore
 from store.maintenance import collect, verify
-from tests.core.conftest import (
+from tests.processes import (
     BUILD_SCRIPT,
     BUILD_TIMEOUT,
     ITEM_NODES,
@@ -68,9 +68,6 @@ from tests.core.conftest import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-# fixtures of tests/core/conftest.py, made visible to this module
-reference = core_fixtures.reference
-spawn_build = core_fixtures.spawn_build
 PACK_DELAY = 0.2  # seconds of "slow storage" per pack: keeps a build running to be hit
 
 
@@ -129,7 +126,8 @@ def quarantined(root: Path) -> set[str]:
 def spawn(
     procs: Processes, folder: Path, store: Path, data: Path, params: dict, executor: str, **cfg: Any
 ) -> subprocess.Popen:
-    """The build script of tests/core in a subprocess (for fixtures wider than a test)."""
+    """The synthetic build script (tests/processes.py) in a subprocess (for fixtures
+    wider than a test)."""
     script = folder / "script" / "build_script.py"
     script.parent.mkdir(exist_ok=True)
     script.write_text(BUILD_SCRIPT)
@@ -493,7 +491,7 @@ def _blob_graph(power: float) -> Graph:
 def _blob_build(root: Path, data: Path, power: float):
     st = open_store(root)
     items, sources = synthetic_inputs(data, st)
-    flow.worker._OBJECTS.clear()  # as a fresh worker: nothing cached in memory
+    engine.worker._OBJECTS.clear()  # as a fresh worker: nothing cached in memory
     with get_executor("sync") as ex:
         return build(_blob_graph(power), items, sources, st, ex, progress=False, batch_size=10)
 
@@ -551,9 +549,9 @@ def test_corrupt_object_blob(tmp_path):
 
 
 def _rewrite_when_read(monkeypatch, victim: Path, new: bytes | None) -> list[str]:
-    """Make ``flow.worker._read_source`` rewrite (or delete, ``new=None``) ``victim``
+    """Make ``engine.worker._read_source`` rewrite (or delete, ``new=None``) ``victim``
     just before it reads it -- once."""
-    original = flow.worker._read_source
+    original = engine.worker._read_source
     hits: list[str] = []
 
     def read(path: str, expected: bytes | None) -> bytes:
@@ -565,7 +563,7 @@ def _rewrite_when_read(monkeypatch, victim: Path, new: bytes | None) -> list[str
                 victim.write_bytes(new)
         return original(path, expected)
 
-    monkeypatch.setattr(flow.worker, "_read_source", read)
+    monkeypatch.setattr(engine.worker, "_read_source", read)
     return hits
 
 

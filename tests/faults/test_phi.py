@@ -12,7 +12,7 @@ command.  Then every byte the store holds is searched:
 
 for each value in several spellings (``^`` as space or ``", "``, upper/lower case; dates
 as YYYYMMDD, YYYY-MM-DD, YYYY/MM/DD, DD.MM.YYYY) and encodings (UTF-8, UTF-16-LE,
-UTF-32-LE).  ``tests/test_cli.py`` checks the raw bytes for four tags; this is the
+UTF-32-LE).  ``tests/cli/test_cli.py`` checks the raw bytes for four tags; this is the
 stronger version.
 """
 
@@ -29,8 +29,8 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
+from app.phantoms import write_bad_files, write_phantom_study
 from cli.main import cli
-from nodes.phantoms import write_bad_files, write_phantom_study
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 
 from flow.errors import CorruptObject, StoreError
 from flow.keys import key
-from flow.node import Blob
 from flow.plan import Previous
+from flow.values import Blob
 from store import open_store
 from store.catalog import ObjectCatalog, load_catalog
 from store.packs import (
@@ -306,8 +306,8 @@ def test_a_build_saves_the_catalogs_it_loaded(tmp_path, monkeypatch):
     saved the catalogs it loaded.  Catalogs a caller keeps between builds (``flow
     watch``) are the caller's to save: a build given them leaves their caches."""
     import store.catalog as sc
-    from flow import testing as ft
-    from flow.schedule import build
+    from engine import testing as ft
+    from engine.builder import build
 
     data = tmp_path / "data"
     ft.write_synthetic_files(data, 6, size=8)

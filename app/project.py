@@ -1,0 +1,413 @@
+"""A project: ``flow.toml`` names the store, the sources and the targets.
+
+The file is TOML; ``flow init`` writes a commented one.  Every key is
+checked, and a mistake is a :class:`flow.errors.ConfigError` naming the file,
+the key and the reason -- an unknown key is an error too (a typo such as
+``epoch = 3`` must not be silently ignored).
+
+Paths are relative to the folder that holds ``flow.toml``.  The project
+turns its sources into the build's items:
+
+* every file under each source folder (recursively) that matches the
+  source's ``include`` patterns is one item; its id is its path relative to
+  the folder (prefixed with ``<source name>/`` when there are several
+  sources);
+* an optional labels CSV gives each item its labels (multi-label, joined by
+  ``labels_separator``) and its split, matched on the file's relative path,
+  its file name, or a DICOM identifier (``join = "SOPInstanceUID"``);
+* items of the ``train`` splits train the fit nodes; ``database`` splits go
+  into the indices; ``eval`` says which split queries which.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.scan import DEFAULT_INCLUDE, FileRefs, StatCache, file_keys, paused_gc, scan_folder
+from flow.errors import ConfigError
+from flow.keys import key
+from flow.plan import ItemTable
+
+__all__ = ["Project", "SourceFolder", "load_project", "project_text", "write_project"]
+
+FILENAME = "flow.toml"
+
+
+@dataclass
+class SourceFolder:
+    name: str
+    path: Path
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = ()
+    extensionless: bool = False
+    labels: Path | None = None
+    join: str = "file"
+    file_column: str = "file"
+    labels_column: str = "finding_labels"
+    labels_separator: str = "|"
+    split_column: str = "split"
+    default_split: str = ""
+
+
+@dataclass
+class Project:
+    root: Path
+    file: Path | None
+    store_url: str
+    storage_options: dict = field(default_factory=dict)
+    sources: list[SourceFolder] = field(default_factory=list)
+    train_splits: tuple[str, ...] = ("train",)
+    database_splits: tuple[str, ...] | None = None  # None: every item
+    eval_queries: tuple[str, ...] = ("val",)
+    eval_database: tuple[str, ...] = ("train",)
+    eval_k: int = 10
+    targets: dict[str, dict] = field(default_factory=dict)
+    nodes: dict[str, dict] = field(default_factory=dict)  # project-wide node params
+    scheduler: str = "local"
+    workers: int | None = None
+    batch_size: int | None = None
+    threads_below: int = 400  # local builds with less stale item work run in threads
+    tls: dict = field(default_factory=dict)  # [build.tls]: ca_file, cert, key (absolute)
+    cluster: dict = field(default_factory=dict)  # [cluster] table (Slurm etc.)
+    raw: dict = field(default_factory=dict)
+
+    def open_store(self):
+        from store import open_store
+
+        return open_store(self.store_url, **self.storage_options)
+
+    # -- items -------------------------------------------------------------------
+
+    def items(self, store=None, *, scans: dict | None = None) -> tuple[ItemTable, Any, dict]:
+        """Scan the sources: the item table, where workers find each file, and
+        per-item metadata (``labels``, ``paths``) for queries and reports.
+
+        ``scans``: a source's ``scan()`` taken moments ago (by ``flow watch``), by
+        source path, used instead of scanning it again."""
+        with paused_gc():  # per-item lists of a whole archive (see paused_gc)
+            return self._items(store, scans or {})
+
+    def scan(self, src: SourceFolder) -> tuple[list[str], list]:
+        """The files of one source: (relative paths, their stats)."""
+        try:
+            return scan_folder(src.path, src.include, src.exclude, src.extensionless)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{self._where('sources')}: {e}") from None
+
+    def _items(self, store, scans: dict) -> tuple[ItemTable, Any, dict]:
+        from engine.builder import SourceRefs
+
+        ids: list[str] = []
+        paths: list[str] = []
+        keys: list[bytes | None] = []
+        errors: dict[int, str] = {}
+        labels: list[tuple[str, ...]] = []
+        splits: list[str] = []
+        hashed = 0
+        multi = len(self.sources) > 1
+        for src in self.sources:
+            rels, stats = scans[src.path] if src.path in scans else self.scan(src)
+            cache = StatCache(store, str(src.path)) if store is not None else None
+            ks, errs, n = file_keys(str(src.path), rels, stats, cache)
+            hashed += n
+            if cache is not None:
+                cache.save()
+            table = _read_labels(src, rels) if src.labels else {}
+            base = len(ids)
+            real = os.path.realpath(src.path)
+            for i, rel in enumerate(rels):
+                ids.append(f"{src.name}/{rel}" if multi else rel)
+                paths.append(f"{real}/{rel}")
+                lab, split = table.get(i, ((), src.default_split))
+                labels.append(lab)
+                splits.append(split)
+            keys.extend(ks)
+            errors.update({base + i: r for i, r in errs.items()})
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{self._where('sources')}: two sources give the same item ids")
+        ids = [ids[i] for i in order]
+        paths = [paths[i] for i in order]
+        keys = [keys[i] for i in order]
+        labels = [labels[i] for i in order]
+        splits = [splits[i] for i in order]
+        inv = {old: new for new, old in enumerate(order)}
+        errors = {inv[i]: r for i, r in errors.items()}
+        distinct = {lab: bytes(key(lab)) for lab in set(map(tuple, labels))}
+        label_keys = [distinct[tuple(lab)] for lab in labels]
+        items = ItemTable(
+            ids=ids,
+            splits=splits,
+            sources={"files": keys, "labels": label_keys},
+            source_errors={"files": errors},
+        )
+        refs = SourceRefs(
+            {
+                "files": FileRefs(paths, keys),
+                "labels": [("value", tuple(lab)) for lab in labels],
+            }
+        )
+        meta = {"labels": labels, "paths": paths, "hashed": hashed}
+        return items, refs, meta
+
+    def _where(self, k: str) -> str:
+        return f"{self.file or FILENAME}: [{k}]"
+
+
+def _read_labels(src: SourceFolder, rels: list[str]) -> dict[int, tuple[tuple[str, ...], str]]:
+    """Row per item index: (labels, split), joined as the source says."""
+    path = src.labels
+    assert path is not None
+    where = f"labels file {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot open ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text ({e})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = reader.fieldnames or []
+    join_col = src.file_column if src.join == "file" else src.join
+    for needed in (join_col, src.labels_column):
+        if needed not in cols:
+            raise ConfigError(
+                f"{where}: no column {needed!r} (columns: {', '.join(cols) or 'none'})"
+            )
+    rows = list(reader)
+    has_split = src.split_column in cols
+    by_value: dict[str, tuple[tuple[str, ...], str]] = {}
+    for r in rows:
+        raw = (r.get(src.labels_column) or "").strip()
+        labs = tuple(sorted({x.strip() for x in raw.split(src.labels_separator) if x.strip()}))
+        split = (r.get(src.split_column) or "").strip() if has_split else src.default_split
+        by_value[(r.get(join_col) or "").strip()] = (labs, split or src.default_split)
+    out: dict[int, tuple[tuple[str, ...], str]] = {}
+    if src.join == "file":
+        # match on the path relative to the labels file, to the source, or the bare name
+        label_dir = os.path.realpath(os.path.dirname(path))
+        src_dir = os.path.realpath(src.path)
+        names: dict[str, list[int]] = {}
+        for i, rel in enumerate(rels):
+            names.setdefault(os.path.basename(rel), []).append(i)
+        for i, rel in enumerate(rels):
+            full = os.path.join(src_dir, rel)
+            for cand in (os.path.relpath(full, label_dir).replace(os.sep, "/"), rel):
+                if cand in by_value:
+                    out[i] = by_value[cand]
+                    break
+            else:
+                base = os.path.basename(rel)
+                if base in by_value and len(names[base]) == 1:
+                    out[i] = by_value[base]
+        return out
+    # a DICOM identifier: read headers only (cheap), no pixels
+    from nodes.decode import dicom_identifiers
+
+    src_dir = os.path.realpath(src.path)
+    for i, rel in enumerate(rels):
+        try:
+            ident = dicom_identifiers(os.path.join(src_dir, rel)).get(src.join)
+        except Exception:
+            continue
+        if ident and str(ident) in by_value:
+            out[i] = by_value[str(ident)]
+    return out
+
+
+# --------------------------------------------------------------------------
+# loading
+
+
+_TOP = {"store", "build", "sources", "train", "database", "eval", "targets", "nodes", "cluster"}
+_SOURCE_KEYS = {
+    "name",
+    "path",
+    "include",
+    "exclude",
+    "extensionless",
+    "labels",
+    "join",
+    "file_column",
+    "labels_column",
+    "labels_separator",
+    "split_column",
+    "default_split",
+}
+
+
+def _check_keys(where: str, table: Mapping, allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _str_tuple(where: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise ConfigError(f"{where}: expected a string or a list of strings, got {v!r}")
+
+
+def project_text(config: Mapping[str, Any]) -> str:
+    """``config`` (the tables of a flow.toml, as :func:`load_project` reads them) as
+    TOML text.  Nothing is checked: tests write broken projects with it too.
+
+    >>> print(project_text({"store": {"url": "store"}, "sources": [{"path": "images"}]}))
+    [store]
+    url = "store"
+    <BLANKLINE>
+    [[sources]]
+    path = "images"
+    <BLANKLINE>
+    """
+    import tomli_w
+
+    return tomli_w.dumps(_plain(config))
+
+
+def write_project(folder: str | os.PathLike, config: Mapping[str, Any]) -> Path:
+    """Write ``folder/flow.toml`` from ``config`` (see :func:`project_text`); its path."""
+    path = Path(folder) / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(project_text(config), encoding="utf-8")
+    return path
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists and paths as strings, for the TOML writer."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    return v
+
+
+def load_project(path: str | os.PathLike | None = None, *, store: str | None = None) -> Project:
+    """Load ``flow.toml`` (a file, or a folder holding one)."""
+    p = Path(path or FILENAME)
+    if p.is_dir():
+        p = p / FILENAME
+    if not p.is_file():
+        raise ConfigError(
+            f"no project file at {p}: run `flow init` to write one, or `flow demo` to try flow"
+        )
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    return project_from_dict(raw, root=p.parent.resolve(), file=p, store=store)
+
+
+def project_from_dict(
+    raw: dict, *, root: Path, file: Path | None = None, store: str | None = None
+) -> Project:
+    where = str(file or FILENAME)
+    _check_keys(where, raw, _TOP)
+
+    def rel(v: str) -> Path:
+        q = Path(os.path.expanduser(v))
+        return q if q.is_absolute() else (root / q)
+
+    st = raw.get("store", {})
+    _check_keys(f"{where}: [store]", st, {"url", "options"})
+    url = store or st.get("url", ".flow/store")
+    if "://" not in url:
+        url = str(rel(url))
+    build = raw.get("build", {})
+    _check_keys(
+        f"{where}: [build]", build, {"scheduler", "workers", "batch_size", "threads_below", "tls"}
+    )
+    tls = build.get("tls", {})
+    if not isinstance(tls, dict):
+        raise ConfigError(f"{where}: [build] tls must be a table (ca_file, cert, key)")
+    _check_keys(f"{where}: [build.tls]", tls, {"ca_file", "cert", "key"})
+    for k, v in tls.items():
+        if not isinstance(v, str) or not rel(v).is_file():
+            raise ConfigError(f"{where}: [build.tls] {k} = {v!r} is not a file")
+    tls = {k: str(rel(v)) for k, v in tls.items()}
+    sources = []
+    raw_sources = raw.get("sources", [])
+    if isinstance(raw_sources, dict):
+        raw_sources = [raw_sources]
+    for n, s in enumerate(raw_sources):
+        w = f"{where}: [[sources]] #{n + 1}"
+        _check_keys(w, s, _SOURCE_KEYS)
+        if "path" not in s:
+            raise ConfigError(f"{w}: 'path' (a folder of images) is required")
+        src = SourceFolder(
+            name=s.get("name", f"source{n + 1}" if len(raw_sources) > 1 else "images"),
+            path=rel(s["path"]),
+            include=_str_tuple(f"{w} include", s.get("include", list(DEFAULT_INCLUDE))),
+            exclude=_str_tuple(f"{w} exclude", s.get("exclude", [])),
+            extensionless=bool(s.get("extensionless", False)),
+            labels=rel(s["labels"]) if s.get("labels") else None,
+            join=s.get("join", "file"),
+            file_column=s.get("file_column", "file"),
+            labels_column=s.get("labels_column", "finding_labels"),
+            labels_separator=s.get("labels_separator", "|"),
+            split_column=s.get("split_column", "split"),
+            default_split=s.get("default_split", ""),
+        )
+        sources.append(src)
+    if not sources:
+        raise ConfigError(f"{where}: no [[sources]]: name at least one folder of images")
+    train = raw.get("train", {})
+    _check_keys(f"{where}: [train]", train, {"splits"})
+    database = raw.get("database", {})
+    _check_keys(f"{where}: [database]", database, {"splits"})
+    ev = raw.get("eval", {})
+    _check_keys(f"{where}: [eval]", ev, {"queries", "database", "k"})
+    targets = raw.get("targets", {})
+    if not isinstance(targets, dict) or not targets:
+        raise ConfigError(f"{where}: no [targets.<name>] tables: declare at least one index")
+    for name, t in targets.items():
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: [targets.{name}] must be a table")
+    if "cluster" in raw:  # engine.cluster is imported only where a [cluster] table is
+        from engine.cluster import cluster_config
+
+        cluster_config(raw["cluster"], f"{where}: [cluster]", root=root)  # raises on a bad key
+    workers = build.get("workers")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"{where}: [build] workers must be a positive integer")
+    threads_below = build.get("threads_below", 400)
+    if not isinstance(threads_below, int) or isinstance(threads_below, bool) or threads_below < 0:
+        raise ConfigError(f"{where}: [build] threads_below must be an integer >= 0")
+    return Project(
+        root=root,
+        file=file,
+        store_url=url,
+        storage_options=dict(st.get("options", {})),
+        sources=sources,
+        train_splits=_str_tuple(f"{where}: [train] splits", train.get("splits", ["train"])),
+        database_splits=(
+            _str_tuple(f"{where}: [database] splits", database["splits"])
+            if "splits" in database
+            else None
+        ),
+        eval_queries=_str_tuple(f"{where}: [eval] queries", ev.get("queries", ["val"])),
+        eval_database=_str_tuple(f"{where}: [eval] database", ev.get("database", ["train"])),
+        eval_k=int(ev.get("k", 10)),
+        targets=targets,
+        nodes=raw.get("nodes", {}),
+        scheduler=build.get("scheduler", "local"),
+        workers=workers,
+        batch_size=build.get("batch_size"),
+        threads_below=threads_below,
+        tls=tls,
+        cluster=raw.get("cluster", {}),
+        raw=raw,
+    )

@@ -1,0 +1,153 @@
+"""Helpers for node authors and for flow's own tests and benchmarks.
+
+* :func:`check_node` -- the contract every node should pass: same inputs give
+  the same output bytes twice (and the output is storable);
+* :func:`check_key_stable` -- a value's key is the same in a fresh interpreter;
+* a tiny generic pipeline (:func:`synthetic_graph`): three per-item nodes and
+  one set node over small "files", used to test and benchmark the framework
+  without the medical steps.  Node calls are counted in :data:`CALLS` (for
+  in-process executors; across processes, count with the build report).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flow.graph import Graph
+from flow.keys import Key, key
+from flow.node import Items, Node, node
+
+CALLS: Counter = Counter()
+
+
+def check_node(n: Node, *args: Any, **params: Any) -> Key:
+    """Run ``n`` twice on the same inputs; assert the outputs key the same.
+
+    Returns the output's content key.
+    """
+    from store.packs import canonical_output
+
+    p = n.params(params)
+    kw = {f: getattr(p, f) for f in p.__dataclass_fields__}
+    a = canonical_output(n.fn(*args, **kw), node=n.name, allow_blobs=n.kind == "set")
+    b = canonical_output(n.fn(*args, **kw), node=n.name, allow_blobs=n.kind == "set")
+    ka, kb = key(a), key(b)
+    assert ka == kb, f"node {n.name} is not deterministic: {ka} != {kb}"
+    return ka
+
+
+def check_key_stable(expr: str, expected: str | None = None) -> str:
+    """The key of ``eval(expr)`` computed in a fresh interpreter (hex)."""
+    code = f"import numpy as np\nfrom flow.keys import key\nprint(key({expr}).hex())\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "random"},
+    ).stdout.strip()
+    if expected is not None:
+        assert out == expected, f"key({expr}) is {out} in a fresh interpreter, not {expected}"
+    return out
+
+
+# --------------------------------------------------------------------------
+# a small generic pipeline
+
+
+@node(version=1)
+def parsed(source: bytes, *, scale: float = 1.0) -> np.ndarray:
+    """Bytes of a synthetic file as float32 values."""
+    CALLS["parsed"] += 1
+    if source[:3] == b"BAD":
+        from flow.errors import ItemError
+
+        raise ItemError("file starts with BAD")
+    return np.frombuffer(source, dtype=np.uint8).astype(np.float32) * scale
+
+
+@node(version=1)
+def smoothed(values: np.ndarray, *, width: int = 3, work: int = 0) -> np.ndarray:
+    """A moving average; ``work`` repeats it to make the node CPU-bound (benchmarks)."""
+    CALLS["smoothed"] += 1
+    kernel = np.ones(width, np.float32) / width
+    out = np.convolve(values, kernel, mode="same").astype(np.float32)
+    for _ in range(work):
+        out = np.convolve(out, kernel, mode="same").astype(np.float32)
+    return out
+
+
+@node(version=1)
+def histogram(values: np.ndarray, *, bins: int = 16) -> dict:
+    """A normalized histogram and the value count."""
+    CALLS["histogram"] += 1
+    h, _ = np.histogram(values, bins=bins, range=(0.0, 255.0 * 4))
+    return {"hist": (h / max(1, h.sum())).astype(np.float32), "n": int(values.size)}
+
+
+@node(version=1, kind="set")
+def mean_histogram(hists: Items) -> np.ndarray:
+    """The mean histogram over items (a stand-in for a fit node)."""
+    CALLS["mean_histogram"] += 1
+    if not len(hists):
+        return np.zeros(0, np.float32)
+    return np.mean(np.stack([h["hist"] for h in hists]), axis=0).astype(np.float32)
+
+
+def synthetic_graph(params: dict[str, dict] | None = None) -> Graph:
+    """files -> parsed -> smoothed -> histogram -> mean_histogram."""
+    params = params or {}
+    g = Graph()
+    g.source("files")
+    g.step("parsed", parsed, "files", params=params.get("parsed"))
+    g.step("smoothed", smoothed, "parsed", params=params.get("smoothed"))
+    g.step("histogram", histogram, "smoothed", params=params.get("histogram"))
+    g.step("mean_histogram", mean_histogram, "histogram", params=params.get("mean_histogram"))
+    return g
+
+
+def write_synthetic_files(
+    folder: str | Path, n: int, size: int = 256, seed: int = 0, start: int = 0
+) -> list[Path]:
+    """``n`` small random files ``f000000.bin ...`` (deterministic for a seed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start, start + n):
+        rng = np.random.default_rng((seed, i))
+        p = folder / f"f{i:06d}.bin"
+        p.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        out.append(p)
+    return out
+
+
+def synthetic_inputs(folder: str | Path, store: Any = None, include=("*.bin",)):
+    """The item table and worker sources for the files under ``folder``
+    (what ``Project.items`` does for a project's sources)."""
+    from engine.scan import paused_gc
+
+    with paused_gc():
+        return _synthetic_inputs(folder, store, include)
+
+
+def _synthetic_inputs(folder, store, include):
+    from engine.builder import SourceRefs
+    from engine.scan import FileRefs, StatCache, file_keys, scan_folder
+    from flow.plan import ItemTable
+
+    root = os.path.realpath(folder)
+    rels, stats = scan_folder(root, include=include)
+    cache = StatCache(store, root) if store is not None else None
+    keys, errors, _ = file_keys(root, rels, stats, cache)
+    if cache is not None:
+        cache.save()
+    items = ItemTable(rels, [""] * len(rels), {"files": keys}, source_errors={"files": errors})
+    sources = SourceRefs({"files": FileRefs(rels, keys, root)})
+    return items, sources

@@ -1,1 +1,0 @@
-"""Process-level tests of flow's core (real Dask processes, kills, concurrency)."""
