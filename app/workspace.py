@@ -20,6 +20,7 @@ import numpy as np
 
 from app.pipeline import pipeline, ref_value, target_steps
 from app.project import Project, load_project
+from engine.refs import FileRef, ObjectRef
 from flow.errors import ConfigError
 from flow.graph import Graph, cull
 from flow.plan import Plan, Status, plan
@@ -79,7 +80,7 @@ class Workspace:
         themselves; ``retrain = true`` in a target (or ``flow build --retrain``)
         refits on the current training items.
         """
-        from flow.graph import Step
+        from flow.graph import Pin, Step
         from store.refs import read_ref
 
         retrain = set()
@@ -99,7 +100,7 @@ class Workspace:
                 if not self.store.exists(f"objects/{v['node']}/{v['rkey']}.json"):
                     continue
                 g = g.replace(
-                    Step(name=name, source="object", pin=(v["node"], v["rkey"], v["ckey"]))
+                    Step(name=name, source="object", pin=Pin(v["node"], v["rkey"], v["ckey"]))
                 )
         return g
 
@@ -180,7 +181,7 @@ class Workspace:
                 elif step.source == "object" and step.pin is not None:
                     node, rk, ck = step.pin
                     items.files[name] = bytes.fromhex(ck)
-                    sources.one[name] = ("object", node, bytes.fromhex(rk))
+                    sources.one[name] = ObjectRef(node, bytes.fromhex(rk))
             self._items = (items, sources, meta)
         return self._items
 
@@ -192,7 +193,7 @@ class Workspace:
         except OSError as e:
             raise ConfigError(f"{name}: cannot read {path}: {e.strerror or e}") from None
         items.files[name] = k
-        sources.one[name] = ("file", str(path), k)
+        sources.one[name] = FileRef(str(path), k)
 
     def subgraph(self, targets: list[str] | str = "all", *, eval: bool = False) -> Graph:
         return cull(self.graph, target_steps(self.targets, targets, eval=eval))
