@@ -281,13 +281,10 @@ def project_text(config: Mapping[str, Any]) -> str:
     """``config`` (the tables of a flow.toml, as :func:`load_project` reads them) as
     TOML text.  Nothing is checked: tests write broken projects with it too.
 
-    >>> print(project_text({"store": {"url": "store"}, "sources": [{"path": "images"}]}))
-    [store]
-    url = "store"
-    <BLANKLINE>
-    [[sources]]
-    path = "images"
-    <BLANKLINE>
+    >>> import tomllib
+    >>> config = {"store": {"url": "store"}, "sources": [{"path": "images"}]}
+    >>> tomllib.loads(project_text(config)) == config
+    True
     """
     import tomli_w
 
