@@ -46,5 +46,5 @@ class TestLazyLocalFallingBackToThreads(ExecutorTests):
 def test_unknown_scheduler_names_the_choices():
     from flow.errors import FlowError
 
-    with pytest.raises(FlowError, match="unknown scheduler 'lcoal'.*sync, threads, local"):
+    with pytest.raises(FlowError, match=r"unknown scheduler 'lcoal'.*sync, threads, local"):
         get_executor("lcoal")
