@@ -60,7 +60,7 @@ class _Segment:
 
     @classmethod
     def open(cls, store: Any, ref_name: str, seg: dict) -> _Segment:
-        from store.packs import read_object, read_object_manifest
+        from store.objects import read_object, read_object_manifest
 
         ix_node, ix_rk = seg["index"]
         manifest = read_object_manifest(store, ix_node, bytes.fromhex(ix_rk))
@@ -101,7 +101,7 @@ class _Segment:
 def _blob_path(store: Any, node: str, rkey: str, manifest: dict, name: str) -> str:
     """A local file holding one blob of an object (the store's own file where it has
     one; otherwise a verified copy in the user's cache, made once)."""
-    from store.packs import object_blob_path
+    from store.objects import object_blob_path
 
     rel = object_blob_path(store, node, bytes.fromhex(rkey), manifest, name)
     local = store.local_path(rel)
@@ -176,7 +176,7 @@ class Retriever:
     def _object(self, node: str, rkey: str) -> Any:
         k = (node, rkey)
         if k not in self._objects:
-            from store.packs import read_object
+            from store.objects import read_object
 
             self._objects[k] = read_object(self.store, node, bytes.fromhex(rkey))
         return self._objects[k]
@@ -184,7 +184,7 @@ class Retriever:
     def vectors(self, image: str | os.PathLike | bytes) -> dict[str, Any]:
         """Run the query chain on one image; the values of every chain step."""
         from flow.errors import ItemError
-        from store.packs import canonical_output
+        from store.outputs import canonical_output
 
         if isinstance(image, bytes):
             data, name = image, "<bytes>"

@@ -360,7 +360,7 @@ class Workspace:
         is); ``catalogs``: item catalogs already loaded (by node name)."""
         from app.segments import Policy, assign, segment_steps
         from flow.plan import FRESH
-        from store.packs import read_object
+        from store.objects import read_object
         from store.refs import read_ref
 
         items = self.items()[0]

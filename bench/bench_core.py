@@ -56,7 +56,8 @@ def noop(tmp: Path, n: int, runs: int) -> dict:
     ft.synthetic_inputs(data, store)  # the cache now trusts every file
 
     from flow.plan import plan
-    from store.catalog import load_catalog, load_objects
+    from store.catalog import load_catalog
+    from store.objects import load_objects
 
     g = ft.synthetic_graph()
 

@@ -31,7 +31,8 @@ from engine.builder import build
 from flow.keys import KEY_SIZE, item_key
 from flow.plan import ItemTable, plan
 from store import open_store
-from store.catalog import load_catalog, load_objects
+from store.catalog import load_catalog
+from store.objects import load_objects
 
 NODES = ("parsed", "smoothed", "histogram")
 

@@ -133,7 +133,7 @@ class SourceRefs:
 
 
 def _recipe(step: Step) -> Any:
-    from store.packs import Recipe
+    from store.outputs import Recipe
 
     assert step.node is not None
     return Recipe(
@@ -168,7 +168,8 @@ def load_holdings(
     catalogs (with the recipe keys remembered for the graph's steps) and the set
     outputs, by node name.  ``catalogs``: item catalogs loaded already (kept as
     they are).  This is the build's only reading of the store before it plans."""
-    from store.catalog import load_catalog, load_objects
+    from store.catalog import load_catalog
+    from store.objects import load_objects
 
     catalogs = catalogs or {}
     steps: dict[str, list[str]] = {}

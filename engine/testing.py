@@ -32,7 +32,7 @@ def check_node(n: Node, *args: Any, **params: Any) -> Key:
 
     Returns the output's content key.
     """
-    from store.packs import canonical_output
+    from store.outputs import canonical_output
 
     p = n.params(params)
     kw = {f: getattr(p, f) for f in p.__dataclass_fields__}
@@ -236,7 +236,8 @@ class ExecutorTests:
         from engine.builder import build
         from engine.executors import SyncExecutor
         from store import open_store
-        from store.catalog import load_catalog, read_object_manifests
+        from store.catalog import load_catalog
+        from store.objects import read_object_manifests
 
         write_synthetic_files(tmp_path / "data", 40)
         (tmp_path / "data" / "f000007.bin").write_bytes(b"BAD" + bytes(100))

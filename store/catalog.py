@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,7 @@ from blake3 import blake3
 
 from flow.errors import CorruptObject
 from flow.keys import KEY_SIZE, params_json
-from flow.snapshot import ObjectState, Previous, RecipeMemo
+from flow.snapshot import Previous, RecipeMemo
 from store.abc import Store
 from store.packs import loads
 
@@ -522,149 +521,3 @@ def _read_manifests(store: Store, node: str, ids: list[str]) -> list[dict]:
     else:
         docs = [one(i) for i in ids]
     return [d for d in docs if d is not None]
-
-
-class ObjectCatalog:
-    """The set outputs of one node, as the planner reads them: an in-memory snapshot
-    (:class:`flow.snapshot.ObjectState` per stored recipe key), loaded by
-    :func:`load_objects`.  The builder adds the objects it writes (:meth:`add`)."""
-
-    def __init__(self, node: str, states: dict[bytes, ObjectState] | None = None):
-        self.node = node
-        self.states: dict[bytes, ObjectState] = dict(states or {})
-        self._latest: dict[str, ObjectState] | None = None
-
-    def get(self, rkey: bytes) -> ObjectState | None:
-        return self.states.get(bytes(rkey))
-
-    def add(self, rkey: bytes, manifest: dict) -> None:
-        """Record an object this process just wrote (its manifest)."""
-        self.states[bytes(rkey)] = object_state(manifest)
-        self._latest = None
-
-    def previous(self, step: str) -> Previous | None:
-        """The recipe of the newest object ``step`` made (for "why is it stale?")."""
-        if self._latest is None:
-            latest: dict[str, ObjectState] = {}
-            for st in sorted(self.states.values(), key=lambda o: o.created):
-                latest[st.step] = st
-            self._latest = latest
-        found = self._latest.get(step)
-        return found.previous if found is not None else None
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-
-def object_state(doc: dict) -> ObjectState:
-    """What the planner needs of an object manifest."""
-    failure = doc.get("failure")
-    return ObjectState(
-        ckey=None if failure is not None else bytes.fromhex(doc["ckey"]),
-        failed=failure is not None,
-        step=str(doc.get("step", "")),
-        created=float(doc.get("created", 0.0)),
-        previous=Previous(
-            str(doc["version"]),
-            doc["fingerprint"],
-            _params_json(doc["params"]),
-            doc.get("inputs", ""),
-        ),
-        failure=dict(failure) if failure is not None else None,
-    )
-
-
-_OBJECTS_CACHE_VERSION = 1
-
-
-def load_objects(store: Store, node: str, *, write_cache: bool = True) -> ObjectCatalog:
-    """The objects of ``node``: one listing of ``objects/<node>/``, the states
-    remembered in ``cache/objects/<node>.json`` for the objects still listed, and
-    the manifests of the others read (in parallel).  Like the item catalog's cache,
-    this one is never the only copy of anything: objects are immutable, and an
-    entry whose object is gone (collected) is dropped by the listing."""
-    try:
-        names = [n for n in store.list(f"objects/{node}") if n.endswith(".json")]
-    except FileNotFoundError:
-        names = []
-    present = {n[:-5] for n in names}
-    cached: dict[str, dict] = {}
-    try:
-        doc = json.loads(store.get(_objects_cache_path(node)))
-        if doc.get("version") == _OBJECTS_CACHE_VERSION:
-            cached = doc["objects"]
-    except Exception:  # none yet, or unreadable: read the manifests
-        cached = {}
-    states: dict[bytes, ObjectState] = {}
-    keep = {}
-    for rk in present & set(cached):
-        try:
-            states[bytes.fromhex(rk)] = _state_from_json(cached[rk])
-            keep[rk] = cached[rk]
-        except (KeyError, ValueError, TypeError):
-            continue
-    missing = sorted(present - set(keep))
-    changed = len(keep) != len(cached)
-    for rk, m in zip(missing, _read_object_manifests(store, node, missing), strict=True):
-        if m is None:
-            continue
-        st = object_state(m)
-        states[bytes.fromhex(rk)] = st
-        keep[rk] = _state_to_json(st)
-        changed = True
-    if write_cache and changed:
-        body = json.dumps({"version": _OBJECTS_CACHE_VERSION, "objects": keep}, sort_keys=True)
-        with contextlib.suppress(OSError):  # only a cache
-            store.put(_objects_cache_path(node), body.encode())
-    return ObjectCatalog(node, states)
-
-
-def read_object_manifests(store: Store, node: str) -> list[dict]:
-    """Every object manifest of ``node`` (whole, with attributes), oldest first."""
-    names = sorted(n[:-5] for n in store.list(f"objects/{node}") if n.endswith(".json"))
-    docs = [d for d in _read_object_manifests(store, node, names) if d is not None]
-    return sorted(docs, key=lambda d: d["created"])
-
-
-def _read_object_manifests(store: Store, node: str, rkeys: list[str]) -> list[dict | None]:
-    def one(rk: str) -> dict | None:
-        where = f"objects/{node}/{rk}.json"
-        try:
-            return loads(store.get(where), where)
-        except (FileNotFoundError, CorruptObject):
-            return None  # collected since the listing, or reported by `flow verify`
-
-    if len(rkeys) > 8:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(8) as ex:
-            return list(ex.map(one, rkeys))
-    return [one(rk) for rk in rkeys]
-
-
-def _objects_cache_path(node: str) -> str:
-    return f"cache/objects/{node}.json"
-
-
-def _state_to_json(st: ObjectState) -> dict:
-    prev = st.previous
-    return {
-        "ckey": st.ckey.hex() if st.ckey is not None else None,
-        "step": st.step,
-        "created": st.created,
-        "previous": list(prev) if prev is not None else None,
-        "failure": dict(st.failure) if st.failure is not None else None,
-    }
-
-
-def _state_from_json(d: dict) -> ObjectState:
-    failure = d.get("failure")
-    prev = d.get("previous")
-    return ObjectState(
-        ckey=bytes.fromhex(d["ckey"]) if d["ckey"] is not None else None,
-        failed=failure is not None,
-        step=d["step"],
-        created=float(d["created"]),
-        previous=Previous(*prev) if prev is not None else None,
-        failure=failure,
-    )

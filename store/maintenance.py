@@ -35,7 +35,8 @@ from typing import Any
 from flow.errors import CorruptObject, StoreError
 from flow.keys import KEY_SIZE, key
 from store.abc import Store
-from store.packs import PackReader, loads, read_object
+from store.objects import read_object
+from store.packs import PackReader, loads
 from store.refs import list_refs, ref_history
 
 # --------------------------------------------------------------------------
@@ -321,7 +322,8 @@ def collect(
 def rewrite_pack(store: Store, node: str, pack_id: str, drop: set[str]) -> dict | None:
     """Publish a copy of a pack without the items (and failures) whose id is in
     ``drop``, then delete the original; None if nothing is left to keep."""
-    from store.packs import ItemResult, Recipe, write_pack
+    from store.outputs import ItemResult, Recipe
+    from store.packs import write_pack
 
     reader = PackReader.open(store, node, pack_id)
     m = reader.manifest

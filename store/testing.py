@@ -42,16 +42,9 @@ from flow.keys import key
 from flow.values import Blob
 from store.abc import Store
 from store.catalog import Catalog, load_catalog
-from store.packs import (
-    ItemResult,
-    PackReader,
-    Recipe,
-    canonical_output,
-    read_object,
-    read_object_manifest,
-    write_object,
-    write_pack,
-)
+from store.objects import read_object, read_object_manifest, write_object
+from store.outputs import ItemResult, Recipe, canonical_output
+from store.packs import PackReader, write_pack
 from store.refs import list_refs, move_ref, read_ref, ref_history
 
 __all__ = ["StoreTests", "run_threads", "store_model_test"]

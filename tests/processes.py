@@ -37,8 +37,9 @@ from engine.executors import get_executor
 from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
 from flow.keys import key
 from store import open_store
-from store.catalog import load_catalog, read_object_manifests
-from store.packs import PackReader, read_object
+from store.catalog import load_catalog
+from store.objects import read_object, read_object_manifests
+from store.packs import PackReader
 
 ITEM_NODES = ("parsed", "smoothed", "histogram")
 SET_NODES = ("mean_histogram",)

@@ -44,9 +44,10 @@ from flow import Blob, Items, node
 from flow.graph import Graph
 from flow.plan import FAILED, FRESH, plan
 from store import open_store
-from store.catalog import load_catalog, load_objects
+from store.catalog import load_catalog
 from store.local import LocalStore
 from store.maintenance import collect, verify
+from store.objects import load_objects
 from tests.processes import (
     BUILD_SCRIPT,
     BUILD_TIMEOUT,

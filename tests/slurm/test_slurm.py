@@ -26,7 +26,8 @@ from engine.executors import get_executor
 from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
 from flow.errors import ConfigError, FlowError
 from store import open_store
-from store.catalog import load_catalog, read_object_manifests
+from store.catalog import load_catalog
+from store.objects import read_object_manifests
 from store.refs import read_ref
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,17 +18,10 @@ from flow.keys import key
 from flow.snapshot import Previous
 from flow.values import Blob
 from store import open_store
-from store.catalog import load_catalog, load_objects, read_object_manifests
-from store.packs import (
-    ItemResult,
-    PackReader,
-    Recipe,
-    canonical_output,
-    loads,
-    read_object,
-    write_object,
-    write_pack,
-)
+from store.catalog import load_catalog
+from store.objects import load_objects, read_object, read_object_manifests, write_object
+from store.outputs import ItemResult, Recipe, canonical_output
+from store.packs import PackReader, loads, write_pack
 
 
 @pytest.fixture
