@@ -149,6 +149,11 @@ kind = "codes"
 embedding = "cnn"
 [targets.codes.coder]
 bits = 32
+
+# regions of every image (overlapping tiles), for region-of-interest queries:
+# `flow query IMAGE --target regions --roi x,y,w,h`, or draw a box in `flow serve`
+[targets.regions]
+kind = "regions"
 """
 
 
@@ -209,10 +214,15 @@ def demo(ctx, folder, n, epochs, scheduler, k):
     val = [i for i, s in enumerate(items.splits) if s == "val"]
     probe = meta["paths"][val[0]] if val else meta["paths"][0]
     click.echo(f"\nquery: {probe} (labels: {'|'.join(meta['labels'][val[0] if val else 0])})")
-    cctx.invoke(query, image=probe, target="cnn", k=k, as_json=False, montage=None, search_k=None)
+    cctx.invoke(
+        query, image=probe, target="cnn", k=k, roi=None, as_json=False, montage=None, search_k=None
+    )
     click.echo("")
     cctx.invoke(
         evaluate, targets=("all",), k=10, as_json=False, plot=str(root / "eval.png"), scheduler=None
+    )
+    click.echo(
+        f"\nsearch it in a browser: flow -p {root} serve   (then open http://127.0.0.1:8000/)"
     )
 
 
