@@ -131,7 +131,7 @@ class Guard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from app.serve import _CSP, _OPEN_PATHS, check_token
+        from app.serve import _CSP, _GUARDED, check_token
 
         path = scope.get("path", "")
         route = _route(path)
@@ -152,9 +152,7 @@ class Guard:
             await send(message)
 
         try:
-            needs = self.token and path not in _OPEN_PATHS and path != "/"
-            needs = needs and not path.startswith("/viewer/")
-            if needs:
+            if self.token and (path.startswith("/api/") or path in _GUARDED):
                 auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
                 given = auth[7:].strip() if auth[:7].lower() == "bearer " else None
                 if not check_token(given, self.token):

@@ -21,8 +21,9 @@ a swap (the old index's files are memory-mapped: a ``flow gc`` that deletes
 them does not pull them from under it).
 
 Safety.  Binds 127.0.0.1 unless told otherwise; any other bind needs a token,
-required then as ``Authorization: Bearer <token>`` on every API call, the
-viewer's files and ``/health`` excepted (401 without it).  Request bodies over
+required then as ``Authorization: Bearer <token>`` on every API call
+(``/api/*``, ``/metrics``, ``/openapi.json``; 401 without it).  The viewer's own
+files and ``/health`` hold no data and stay open.  Request bodies over
 ``max_upload`` bytes get 413; an undecodable image or a decompression bomb gets
 400 with the reason (decode checks the declared size before decoding anything);
 an unexpected error is a 500 with no detail (logged here).  Responses carry
@@ -55,7 +56,7 @@ log = logging.getLogger("flow.serve")
 
 VIEWER = Path(__file__).resolve().parent / "viewer"
 DEFAULT_MAX_UPLOAD = 64 << 20
-_OPEN_PATHS = ("/health",)  # no token needed (and the viewer's own files)
+_GUARDED = ("/metrics", "/openapi.json")  # besides /api/*: the token is checked there
 _CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"

@@ -357,3 +357,28 @@ def test_refs_move_under_load_without_a_failed_request(project, server, tmp_path
     assert len({r[1] for r in results}) >= 3  # answered by the old and the new indices
     text = httpx.get(server.url + "/metrics").text
     assert 'flow_index_swaps_total{target="cnn"} 2.0' in text
+
+
+def test_flow_query_roi_from_the_command_line(project):
+    path = _dicom(project, 2)
+    res = CliRunner().invoke(
+        cli,
+        ["-p", str(project), "query", str(path), "-t", "regions", "--roi", "8,12,40,36", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["roi"] == [8, 12, 40, 36] and doc["results"]
+    assert all(len(h["box"]) == 4 and len(h["size"]) == 2 for h in doc["results"])
+    retr = Retriever.open(_store(project), "regions")
+    want = [(h.id, list(h.box)) for h in retr.query(path, k=10, roi=(8, 12, 40, 36))]
+    assert [(h["id"], h["box"]) for h in doc["results"]] == want
+    table = CliRunner().invoke(
+        cli, ["-p", str(project), "query", str(path), "-t", "regions", "--roi", "8,12,40,36"]
+    )
+    assert table.exit_code == 0 and "box x,y,w,h" in table.output
+    bad = CliRunner().invoke(
+        cli, ["-p", str(project), "query", str(path), "-t", "regions", "--roi", "8,12"]
+    )
+    assert bad.exit_code == 1 and "x,y,w,h" in bad.output
+    ev = CliRunner().invoke(cli, ["-p", str(project), "eval", "-t", "regions"])
+    assert ev.exit_code == 2 and "regions target" in ev.output
