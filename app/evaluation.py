@@ -14,7 +14,8 @@ __all__ = ["evaluate", "plot_metrics"]
 
 def _stored_values(ws: Any, step: str, rows: list[int], plan: Any) -> list[Any]:
     """Values of a per-item step for item ``rows``, read from its packs."""
-    from engine.worker import _Reader
+    from engine.refs import PackRef
+    from engine.worker import Reader
     from store.catalog import load_catalog
 
     node = ws.graph[step].node_name
@@ -23,8 +24,8 @@ def _stored_values(ws: Any, step: str, rows: list[int], plan: Any) -> list[Any]:
     for i in rows:
         rk = plan.steps[step].rkeys[i]
         pack, pos = cat.location(cat.index[rk])
-        refs.append(("pack", node, pack, pos))
-    return _Reader(ws.store).read_many(refs)
+        refs.append(PackRef(node, pack, pos))
+    return Reader(ws.store).read_many(refs)
 
 
 def evaluate(

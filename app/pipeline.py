@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from flow.errors import ConfigError
 from flow.graph import Graph, Input, Step, toposort
@@ -333,6 +333,47 @@ def target_steps(targets: dict, names: list[str] | str, *, eval: bool = False) -
 # what a ref records
 
 
+class ImageWire(NamedTuple):
+    """A chain step's input is the query image's bytes (stored as ``["files"]``)."""
+
+    def to_json(self) -> list:
+        return ["files"]
+
+
+class StepWire(NamedTuple):
+    """A chain step's input is an earlier chain step's output (``["item", step]``)."""
+
+    step: str
+
+    def to_json(self) -> list:
+        return ["item", self.step]
+
+
+class FitWire(NamedTuple):
+    """A chain step's input is a stored object, e.g. the embedder
+    (``["object", node, rkey hex]``)."""
+
+    node: str
+    rkey: str
+
+    def to_json(self) -> list:
+        return ["object", self.node, self.rkey]
+
+
+QueryWire = ImageWire | StepWire | FitWire
+
+
+def query_wire(doc: list) -> QueryWire:
+    """A query-chain wire as a ref stores it (a JSON list), typed."""
+    if doc[:1] == ["files"]:
+        return ImageWire()
+    if doc[:1] == ["item"] and len(doc) == 2:
+        return StepWire(doc[1])
+    if doc[:1] == ["object"] and len(doc) == 3:
+        return FitWire(doc[1], doc[2])
+    raise ValueError(f"not a query-chain wire: {doc!r}")
+
+
 def _node_path(n: Node) -> str:
     return f"{n.fn.__module__}:{n.fn.__qualname__}"
 
@@ -365,18 +406,18 @@ def query_chain(graph: Graph, index_step: str, plan: Any) -> list[dict]:
         st = graph[s]
         if st.kind != "item":
             continue
-        wires: list[Any] = []
+        wires: list[QueryWire] = []
         for i in st.inputs:
             up = graph[i.step]
             if up.source == "files":
-                wires.append(["files"])
+                wires.append(ImageWire())
             elif up.kind == "item":
-                wires.append(["item", i.step])
+                wires.append(StepWire(i.step))
             elif up.kind == "set":
-                wires.append(["object", up.node_name, plan.steps[i.step].rkeys[0].hex()])
+                wires.append(FitWire(up.node_name, plan.steps[i.step].rkeys[0].hex()))
             elif up.source == "object":
                 assert up.pin is not None
-                wires.append(["object", up.pin[0], up.pin[1]])
+                wires.append(FitWire(up.pin.node, up.pin.rkey))
             else:
                 raise ConfigError(f"step {s}: input {i.step} cannot be given at query time")
         assert st.node is not None
@@ -387,7 +428,7 @@ def query_chain(graph: Graph, index_step: str, plan: Any) -> list[dict]:
                 "version": st.node.version,
                 "fingerprint": st.node.fingerprint,
                 "params": asdict(st.params),
-                "wires": wires,
+                "wires": [w.to_json() for w in wires],
             }
         )
     return chain
@@ -420,7 +461,7 @@ def ref_value(
     value["query"] = query_chain(graph, first, plan)
     value["vectors"] = [i.step for i in graph[first].inputs]
     for c in value["query"]:
-        for w in c["wires"]:
-            if w[0] == "object":
-                objects.append((w[1], w[2]))
+        for w in map(query_wire, c["wires"]):
+            if isinstance(w, FitWire):
+                objects.append((w.node, w.rkey))
     return value, objects

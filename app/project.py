@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.refs import ValueRef
 from engine.scan import DEFAULT_INCLUDE, FileRefs, StatCache, file_keys, paused_gc, scan_folder
 from flow.errors import ConfigError
 from flow.keys import key
@@ -151,7 +152,7 @@ class Project:
         refs = SourceRefs(
             {
                 "files": FileRefs(paths, keys),
-                "labels": [("value", tuple(lab)) for lab in labels],
+                "labels": [ValueRef(tuple(lab)) for lab in labels],
             }
         )
         meta = {"labels": labels, "paths": paths, "hashed": hashed}

@@ -20,6 +20,7 @@ import numpy as np
 
 from app.pipeline import pipeline, ref_value, target_steps
 from app.project import Project, load_project
+from engine.refs import FileRef, ObjectRef
 from flow.errors import ConfigError
 from flow.graph import Graph, cull
 from flow.plan import Plan, Status, plan
@@ -79,7 +80,7 @@ class Workspace:
         themselves; ``retrain = true`` in a target (or ``flow build --retrain``)
         refits on the current training items.
         """
-        from flow.graph import Step
+        from flow.graph import Pin, Step
         from store.refs import read_ref
 
         retrain = set()
@@ -99,7 +100,7 @@ class Workspace:
                 if not self.store.exists(f"objects/{v['node']}/{v['rkey']}.json"):
                     continue
                 g = g.replace(
-                    Step(name=name, source="object", pin=(v["node"], v["rkey"], v["ckey"]))
+                    Step(name=name, source="object", pin=Pin(v["node"], v["rkey"], v["ckey"]))
                 )
         return g
 
@@ -180,7 +181,7 @@ class Workspace:
                 elif step.source == "object" and step.pin is not None:
                     node, rk, ck = step.pin
                     items.files[name] = bytes.fromhex(ck)
-                    sources.one[name] = ("object", node, bytes.fromhex(rk))
+                    sources.one[name] = ObjectRef(node, bytes.fromhex(rk))
             self._items = (items, sources, meta)
         return self._items
 
@@ -192,35 +193,31 @@ class Workspace:
         except OSError as e:
             raise ConfigError(f"{name}: cannot read {path}: {e.strerror or e}") from None
         items.files[name] = k
-        sources.one[name] = ("file", str(path), k)
+        sources.one[name] = FileRef(str(path), k)
 
     def subgraph(self, targets: list[str] | str = "all", *, eval: bool = False) -> Graph:
         return cull(self.graph, target_steps(self.targets, targets, eval=eval))
 
     def _catalogs(self, graph: Graph, loaded: dict | None = None):
-        from store.catalog import ObjectCatalog, load_catalog
+        from engine.builder import load_holdings
 
-        loaded = loaded or {}
-        cats = {
-            s.node_name: loaded.get(s.node_name) or load_catalog(self.store, s.node_name)
-            for s in graph.values()
-            if s.kind == "item"
-        }
-        objs = {
-            s.node_name: ObjectCatalog(self.store, s.node_name)
-            for s in graph.values()
-            if s.kind == "set"
-        }
-        return cats, objs
+        return load_holdings(self.store, graph, loaded)
+
+    def _plan(self, graph: Graph, cats: dict, objs: dict, **kw: Any) -> Plan:
+        """``plan()`` over loaded holdings; the recipe keys it derives are remembered."""
+        from store.catalog import save_recipes
+
+        p = plan(graph, self.items()[0], cats, objs, **kw)
+        save_recipes(self.store, cats, p)
+        return p
 
     def plan(
         self, targets: list[str] | str = "all", *, eval: bool = False, reasons: bool = True
     ) -> Plan:
         """The current state of every step the targets need (reads no arrays)."""
         g = self.subgraph(targets, eval=eval)
-        items = self.items()[0]
         cats, objs = self._catalogs(g)
-        return plan(g, items, cats, objs, reasons=reasons)
+        return self._plan(g, cats, objs, reasons=reasons)
 
     # -- build ---------------------------------------------------------------------
 
@@ -331,7 +328,6 @@ class Workspace:
         is); ``catalogs``: item catalogs already loaded (by node name)."""
         from app.segments import Policy, assign, segment_steps
         from flow.plan import FRESH
-        from flow.plan import plan as run_plan
         from store.packs import read_object
         from store.refs import read_ref
 
@@ -361,7 +357,7 @@ class Workspace:
                 gp, pairs = segment_steps(cull(g, [ix, tb]), t, ix, tb, previous)
                 gp = cull(gp, [s for pair in pairs for s in pair])
                 cats, objs = self._catalogs(gp, catalogs)
-                pp = run_plan(gp, items, cats, objs, reasons=False, known=after.steps)
+                pp = self._plan(gp, cats, objs, reasons=False, known=after.steps)
                 for j, (a, _) in enumerate(pairs):
                     members = pp.steps[a].members
                     n = len(next(iter(members.values()))) if members else 0

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,20 @@ import numpy as np
 
 from engine.executors import Executor, SyncExecutor
 from engine.progress import Progress
-from engine.worker import ChainItem, ChainStep, Context, run_chain, run_set
+from engine.refs import (
+    AllInput,
+    ChainWire,
+    ExtWire,
+    Keyed,
+    ObjectRef,
+    OneInput,
+    OneWire,
+    PackRef,
+    Ref,
+    Stored,
+    Wire,
+)
+from engine.worker import ChainItem, ChainStep, TaskContext, run_chain, run_set
 from flow.graph import Graph, Step, phases, toposort
 from flow.plan import BLOCKED, FAILED, FRESH, MISSING, PENDING, ItemTable, Plan, plan
 
@@ -112,11 +125,11 @@ class BuildReport:
 @dataclass
 class SourceRefs:
     """Where workers find each source's values: per item for ``files`` and
-    ``values`` sources (``("file", path, key)`` / ``("value", v)``), one ref
-    for ``file`` sources."""
+    ``values`` sources (a :class:`~engine.refs.FileRef` / :class:`~engine.refs.ValueRef`
+    per item), one reference for ``file`` sources and pinned fits."""
 
-    refs: dict[str, list]
-    one: dict[str, tuple] = field(default_factory=dict)
+    refs: dict[str, Sequence[Ref]]
+    one: dict[str, Ref] = field(default_factory=dict)
 
 
 def _recipe(step: Step) -> Any:
@@ -148,6 +161,31 @@ def _batch_size(steps: list[Step], n_work: int, n_workers: int, override: int | 
     return size
 
 
+def load_holdings(
+    store: Any, graph: Graph, catalogs: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``store`` holds for ``graph``'s steps, as the planner reads it: the item
+    catalogs (with the recipe keys remembered for the graph's steps) and the set
+    outputs, by node name.  ``catalogs``: item catalogs loaded already (kept as
+    they are).  This is the build's only reading of the store before it plans."""
+    from store.catalog import load_catalog, load_objects
+
+    catalogs = catalogs or {}
+    steps: dict[str, list[str]] = {}
+    for s in graph.values():
+        if s.kind == "item":
+            steps.setdefault(s.node_name, []).append(s.name)
+    cats = {
+        n: catalogs[n] if n in catalogs else load_catalog(store, n, steps=names)
+        for n, names in steps.items()
+    }
+    objs = {
+        n: load_objects(store, n)
+        for n in sorted({s.node_name for s in graph.values() if s.kind == "set"})
+    }
+    return cats, objs
+
+
 #: what a set step's failure reason says when its splits select no item at all
 NO_SPLIT_ITEMS = "no item is in the split(s)"
 
@@ -176,25 +214,21 @@ class Builder:
         until this build runs something for them; ``catalogs``: item catalogs
         loaded (and kept current) by an earlier build of this process, by node
         name -- the ones missing are loaded and added to it."""
-        from store.catalog import ObjectCatalog, load_catalog
-
         self.graph, self.items, self.sources = graph, items, sources
         self.store, self.executor = store, executor
         self.retry_failed, self.fail_fast = retry_failed, fail_fast
         self.progress = Progress(progress)
         self.batch_override = batch_size
         self.log = log or (lambda msg: None)
-        self.ctx = Context.of(store.url, storage_options)
-        nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
-        nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
+        self.ctx = TaskContext.of(store.url, storage_options)
         self.catalogs = catalogs if catalogs is not None else {}
         # the catalogs this build loads are its own: it saves them when it ends
         # (a caller that keeps its catalogs decides when they are saved)
+        nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
         self._loaded = sorted(nodes_item - set(self.catalogs))
-        for n in self._loaded:
-            self.catalogs[n] = load_catalog(store, n)
+        cats, self.objects = load_holdings(store, graph, self.catalogs)
+        self.catalogs.update(cats)
         self._known = dict(known or {})
-        self.objects = {n: ObjectCatalog(store, n) for n in sorted(nodes_set)}
         self.report: BuildReport | None = None
         self._failures: list[Failure] = []
         self._stop = False
@@ -203,7 +237,9 @@ class Builder:
         self._submitted = 0  # tasks submitted so far: a plan made since is still current
 
     def plan(self, reasons: bool = False) -> Plan:
-        return plan(
+        from store.catalog import save_recipes
+
+        p = plan(
             self.graph,
             self.items,
             self.catalogs,
@@ -212,74 +248,82 @@ class Builder:
             reasons=reasons,
             known=self._known,
         )
+        save_recipes(self.store, self.catalogs, p)
+        return p
 
     # -- item phases --------------------------------------------------------------
 
-    def _chain_tasks(self, p: Plan, chain: list[str]) -> tuple[list[ChainStep], list, list]:
+    def _chain_tasks(
+        self, p: Plan, chain: list[str]
+    ) -> tuple[list[ChainStep], list[str], list[Keyed]]:
         """Static parts of a phase's tasks: steps with wires, the 'one' inputs."""
         ext_names: list[str] = []
         one_names: list[str] = []
         steps = []
         for name in chain:
             st = self.graph[name]
-            wires = []
+            wires: list[Wire] = []
             for inp in st.inputs:
                 if inp.mode == "one":
                     if inp.step not in one_names:
                         one_names.append(inp.step)
-                    wires.append(("one", one_names.index(inp.step)))
+                    wires.append(OneWire(one_names.index(inp.step)))
                 elif inp.step in chain:
-                    wires.append(("chain", inp.step))
+                    wires.append(ChainWire(inp.step))
                 else:
                     if inp.step not in ext_names:
                         ext_names.append(inp.step)
-                    wires.append(("ext", ext_names.index(inp.step)))
+                    wires.append(ExtWire(ext_names.index(inp.step)))
             assert st.node is not None
             steps.append(
                 ChainStep(
                     name, st.node, asdict(st.params), bytes(st.prefix), tuple(wires), _recipe(st)
                 )
             )
-        ones = []
+        ones: list[Keyed] = []
         for name in one_names:
             up = self.graph[name]
             sp = p.steps[name]
+            ck = sp.ckeys[0]
+            assert ck is not None and sp.rkeys[0] is not None
             if up.kind == "source":
-                ones.append((sp.ckeys[0], self.sources.one[name]))
+                ones.append(Keyed(ck, self.sources.one[name]))
             else:
-                ones.append((sp.ckeys[0], ("object", up.node_name, sp.rkeys[0])))
+                ones.append(Keyed(ck, ObjectRef(up.node_name, sp.rkeys[0])))
         return steps, ext_names, ones
 
-    def _ext_entry(self, p: Plan, name: str, i: int) -> tuple | None:
+    def _ext_entry(self, p: Plan, name: str, i: int) -> Keyed | None:
         sp = p.steps[name]
         if sp.status[i] != FRESH:
             return None
         up = self.graph[name]
+        ck = sp.ckeys[i]
+        assert ck is not None
         if up.kind == "source":
-            return (sp.ckeys[i], self.sources.refs[name][i])
+            return Keyed(ck, self.sources.refs[name][i])
         cat = self.catalogs[up.node_name]
         row = cat.index[sp.rkeys[i]]  # type: ignore[index]
         pack, pos = cat.location(row)
-        return (sp.ckeys[i], ("pack", up.node_name, pack, pos))
+        return Keyed(ck, PackRef(up.node_name, pack, pos))
 
     def _chain_item(self, p: Plan, chain: list[str], ext_names: list[str], i: int) -> ChainItem:
         item_id = self.items.ids[i]
-        known: list[dict] = []
+        known: list[dict[bytes, Stored]] = []
         failed: list[set] = []
         for name in chain:
             sp = p.steps[name]
             cat = self.catalogs[self.graph[name].node_name]
             st = sp.status[i]
-            k: dict = {}
+            k: dict[bytes, Stored] = {}
             f: set = set()
             if st == FRESH:
                 row = cat.index[sp.rkeys[i]]  # type: ignore[index]
-                k[sp.rkeys[i]] = (sp.ckeys[i], *cat.location(row))
+                k[sp.rkeys[i]] = Stored(sp.ckeys[i], *cat.location(row))  # type: ignore[index,arg-type]
             elif st == FAILED:
                 f.add(sp.rkeys[i])
             elif st == PENDING:
                 for row in cat.rows_for(name, item_id):
-                    k[cat.rkeys[row].tobytes()] = (cat.ckey(row), *cat.location(row))
+                    k[cat.rkeys[row].tobytes()] = Stored(cat.ckey(row), *cat.location(row))
                 f.update(cat.failed_for(name, item_id))
             known.append(k)
             failed.append(f)
@@ -367,29 +411,33 @@ class Builder:
 
     # -- set steps --------------------------------------------------------------
 
-    def _set_inputs(self, p: Plan, name: str) -> tuple[list[tuple], list[bytes]]:
+    def _set_inputs(self, p: Plan, name: str) -> tuple[list[AllInput | OneInput], list[bytes]]:
         from flow.keys import items_key
 
         st = self.graph[name]
         sp = p.steps[name]
-        inputs, digests = [], []
+        inputs: list[AllInput | OneInput] = []
+        digests: list[bytes] = []
         for inp in st.inputs:
             up = self.graph[inp.step]
             usp = p.steps[inp.step]
             if inp.mode == "one":
-                if up.kind == "source":
-                    ref = self.sources.one[inp.step]
-                else:
-                    ref = ("object", up.node_name, usp.rkeys[0])
-                inputs.append(("one", usp.ckeys[0], ref))
-                digests.append(usp.ckeys[0])
+                ck, rk = usp.ckeys[0], usp.rkeys[0]
+                assert ck is not None and rk is not None
+                ref: Ref = (
+                    self.sources.one[inp.step]
+                    if up.kind == "source"
+                    else ObjectRef(up.node_name, rk)
+                )
+                inputs.append(OneInput(ck, ref))
+                digests.append(ck)
                 continue
             rows = sp.members[inp.step]
             ids = [self.items.ids[i] for i in rows]
             ckeys = [usp.ckeys[i] for i in rows]
-            refs = [self._ext_entry(p, inp.step, i)[1] for i in rows]  # type: ignore[index]
-            inputs.append(("all", ids, ckeys, refs))
-            digests.append(items_key(ids, ckeys))
+            refs = [self._ext_entry(p, inp.step, i).ref for i in rows]  # type: ignore[union-attr]
+            inputs.append(AllInput(ids, ckeys, refs))  # type: ignore[arg-type]
+            digests.append(items_key(ids, ckeys))  # type: ignore[arg-type]
         return inputs, digests
 
     def _run_set_steps(self, set_steps: list[str], p: Plan | None = None) -> Plan:
@@ -409,7 +457,7 @@ class Builder:
             for name in ready:
                 st = self.graph[name]
                 inputs, digests = self._set_inputs(p, name)
-                n_in = max((len(i[1]) for i in inputs if i[0] == "all"), default=0)
+                n_in = max((len(i.ids) for i in inputs if isinstance(i, AllInput)), default=0)
                 self.log(f"{name}: fitting over {n_in} items")
                 self.progress.start(name, 1, unit="fit")
                 chain_step = ChainStep(
@@ -480,13 +528,10 @@ class Builder:
     def _after_task_error(self, e: BaseException) -> None:
         """A task that met a corrupt input quarantined it: re-read the catalogs so
         this build's plans no longer count on it (the next build recomputes it)."""
-        from store.catalog import load_catalog
-
         if type(e).__name__ == "CorruptInput":
             self._known = {}
-            self.catalogs.update({n: load_catalog(self.store, n) for n in self.catalogs})
-            for objs in self.objects.values():
-                objs._cache.clear()
+            cats, self.objects = load_holdings(self.store, self.graph)
+            self.catalogs.update(cats)
 
     # -- interrupts -------------------------------------------------------------------
 
@@ -606,7 +651,7 @@ class Builder:
                     continue
                 if st.kind == "set":
                     obj = self.objects[st.node_name].get(sp.rkeys[i])  # type: ignore[arg-type]
-                    f = obj.manifest.get("failure", {}) if obj else {}
+                    f = (obj.failure or {}) if obj else {}
                     out.append(
                         Failure(
                             name,

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engine.refs import FileRef
 from flow.keys import KEY_SIZE, file_key, key
 from store.host import hostname
 
@@ -78,7 +79,7 @@ _new_stat = tuple.__new__  # FileStat(a, b, c) runs a Python-level __new__: 10x 
 
 
 class FileRefs(Sequence):
-    """Where workers find each file -- ``("file", path, key)`` per item -- made
+    """Where workers find each file -- a :class:`~engine.refs.FileRef` per item -- made
     when read: a build reads the refs of the items it runs only, so a no-op
     over 100k files makes none of them.  ``paths`` are relative to ``root``
     when one is given."""
@@ -97,7 +98,7 @@ class FileRefs(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         p = self._paths[i]
-        return ("file", f"{self._root}/{p}" if self._root else p, self._keys[i])
+        return FileRef(f"{self._root}/{p}" if self._root else p, self._keys[i])
 
 
 def scan_folder(

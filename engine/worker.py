@@ -30,20 +30,28 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from engine.refs import (
+    AllInput,
+    ChainWire,
+    ExtWire,
+    FileRef,
+    Keyed,
+    ObjectRef,
+    OneInput,
+    OneWire,
+    PackRef,
+    Ref,
+    Stored,
+    ValueRef,
+    Wire,
+)
 from flow.errors import CorruptObject, FlowError, ItemError
 from flow.keys import bytes_key, item_key, key
 from flow.node import Items, Node
 
-# value references the client sends: where a worker finds an input's value
-#   ("file", path)            a source file's bytes (re-hashed on read)
-#   ("value", v)              a small value given by the project (labels)
-#   ("pack", node, pack, pos) an item stored in a pack
-#   ("object", node, rkey)    a set step's stored output
-Ref = tuple
-
 
 @dataclass(frozen=True)
-class Context:
+class TaskContext:
     """What every task needs besides its own work: where the store is.
 
     ``storage_options`` is the fsspec options as JSON (they may nest, e.g.
@@ -55,7 +63,7 @@ class Context:
     storage_options: str = "{}"
 
     @classmethod
-    def of(cls, url: str, options: dict | None = None) -> Context:
+    def of(cls, url: str, options: dict | None = None) -> TaskContext:
         return cls(url, json.dumps(options or {}, sort_keys=True))
 
     def store(self):
@@ -77,7 +85,7 @@ class ChainStep:
     node: Node
     params: dict
     prefix: bytes
-    wires: tuple  # per node input: ("chain", step) | ("ext", j) | ("one", j)
+    wires: tuple[Wire, ...]  # one per node input
     recipe: Any  # store.packs.Recipe
 
 
@@ -86,9 +94,9 @@ class ChainItem:
     """One item of a chain task."""
 
     id: str
-    ext: list  # per external per-item input j: (ckey, ref) or None when blocked
-    # per chain step: {rkey: (ckey, pack_id, pos)} already stored, and failed rkeys
-    known: list[dict] = field(default_factory=list)
+    ext: list[Keyed | None]  # per external per-item input j (None: blocked)
+    # per chain step: outputs already stored by recipe key, and failed recipe keys
+    known: list[dict[bytes, Stored]] = field(default_factory=list)
     failed: list[set] = field(default_factory=list)
 
 
@@ -105,7 +113,7 @@ class ChainResult:
 # reading values
 
 
-class _Reader:
+class Reader:
     """Reads referenced values, one open pack per (node, pack) for the task."""
 
     def __init__(self, store):
@@ -118,15 +126,14 @@ class _Reader:
         out: list[Any] = [None] * len(refs)
         by_pack: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for i, ref in enumerate(refs):
-            kind = ref[0]
-            if kind == "pack":
-                by_pack.setdefault((ref[1], ref[2]), []).append((i, ref[3]))
-            elif kind == "value":
-                out[i] = ref[1]
-            elif kind == "file":
-                out[i] = _read_source(ref[1], ref[2] if len(ref) > 2 else None)
-            elif kind == "object":
-                out[i] = load_object(self.store, ref[1], ref[2])
+            if isinstance(ref, PackRef):
+                by_pack.setdefault((ref.node, ref.pack), []).append((i, ref.pos))
+            elif isinstance(ref, ValueRef):
+                out[i] = ref.value
+            elif isinstance(ref, FileRef):
+                out[i] = _read_source(ref.path, ref.key)
+            elif isinstance(ref, ObjectRef):
+                out[i] = load_object(self.store, ref.node, ref.rkey)
             else:
                 raise ValueError(f"unknown value reference {ref!r}")
         for (node, pack), wanted in by_pack.items():
@@ -281,17 +288,17 @@ def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared
 
 
 def run_chain(
-    ctx: Context,
+    ctx: TaskContext,
     steps: list[ChainStep],
     items: list[ChainItem],
-    ones: list[tuple[bytes, Ref]],
+    ones: list[Keyed],
     retry_failed: bool = False,
 ) -> ChainResult:
     """Run a batch of items through a chain of item steps; write one pack per step."""
     from store.packs import ItemResult, write_pack
 
     store = ctx.store()
-    reader = _Reader(store)
+    reader = Reader(store)
     n = len(items)
     one_values: dict[int, Any] = {}
     # per chain step: ckey, where the value is (ref), the value once known
@@ -304,14 +311,14 @@ def run_chain(
     last_use = {}
     for si, st in enumerate(steps):
         for w in st.wires:
-            if w[0] == "chain":
-                last_use[w[1]] = si
+            if isinstance(w, ChainWire):
+                last_use[w.step] = si
 
     def ext_value(j: int, rows: list[int]) -> dict[int, Any]:
         cache = ext_vals.setdefault(j, [None] * n)
         need = [i for i in rows if cache[i] is None]
         if need:
-            got = _read_guarded(reader, [items[i].ext[j][1] for i in need])
+            got = _read_guarded(reader, [items[i].ext[j].ref for i in need])  # type: ignore[union-attr]
             for i, v in zip(need, got):
                 cache[i] = v
         return {i: cache[i] for i in rows}
@@ -328,13 +335,13 @@ def run_chain(
             keys: list[bytes] = []
             blocked = False
             for w in st.wires:
-                if w[0] == "chain":
-                    k = ck[w[1]][i]
-                elif w[0] == "ext":
-                    e = it.ext[w[1]]
-                    k = e[0] if e is not None else None
+                if isinstance(w, ChainWire):
+                    k = ck[w.step][i]
+                elif isinstance(w, ExtWire):
+                    e = it.ext[w.index]
+                    k = e.ckey if e is not None else None
                 else:
-                    k = ones[w[1]][0]
+                    k = ones[w.index].ckey
                 if k is None:
                     blocked = True
                     break
@@ -344,8 +351,8 @@ def run_chain(
             rk = item_key(st.prefix, keys)
             hit = it.known[si].get(rk)
             if hit is not None:
-                ck[st.name][i] = hit[0]
-                refs[st.name][i] = ("pack", st.node.name, hit[1], hit[2])
+                ck[st.name][i] = hit.ckey
+                refs[st.name][i] = PackRef(st.node.name, hit.pack, hit.pos)
                 reused += 1
             elif rk in it.failed[si] and not retry_failed:
                 failed_n += 1
@@ -356,17 +363,17 @@ def run_chain(
         args: dict[int, list[Any]] = {i: [] for i in todo}
         bad: dict[int, dict] = {}
         for w in st.wires:
-            if w[0] == "one":
-                if w[1] not in one_values:
-                    one_values[w[1]] = reader.read_many([ones[w[1]][1]])[0]
+            if isinstance(w, OneWire):
+                if w.index not in one_values:
+                    one_values[w.index] = reader.read_many([ones[w.index].ref])[0]
                 for i in todo:
-                    args[i].append(one_values[w[1]])
-            elif w[0] == "ext":
-                got = ext_value(w[1], todo)
+                    args[i].append(one_values[w.index])
+            elif isinstance(w, ExtWire):
+                got = ext_value(w.index, todo)
                 for i in todo:
                     args[i].append(got[i])
             else:
-                up = w[1]
+                up = w.step
                 need = [i for i in todo if vals[up][i] is None]
                 if need:
                     loaded = _read_guarded(reader, [refs[up][i] for i in need])
@@ -381,7 +388,7 @@ def run_chain(
                     break
         run = [i for i in todo if i not in bad]
         results: list[ItemResult] = []
-        shared = tuple(j for j, w in enumerate(st.wires) if w[0] == "one")
+        shared = tuple(j for j, w in enumerate(st.wires) if isinstance(w, OneWire))
         calls = _call_items(st.node, st.params, [args[i] for i in run], shared)
         for i, (v, err, dt) in zip(run, calls):
             rk = item_key(st.prefix, in_keys[i])
@@ -401,7 +408,7 @@ def run_chain(
             manifest = write_pack(store, st.recipe, results)
             result.manifests.append(manifest)
             for pos, r in enumerate(r for r in results if r.error is None):
-                refs[st.name][pos_of[r.id]] = ("pack", st.node.name, manifest["id"], pos)
+                refs[st.name][pos_of[r.id]] = PackRef(st.node.name, manifest["id"], pos)
         result.computed[st.name] = sum(1 for r in results if r.error is None)
         result.failed[st.name] = failed_n + sum(1 for r in results if r.error is not None)
         result.reused[st.name] = reused
@@ -420,10 +427,10 @@ class _ReadFailure:
         self.error = error
 
 
-def _read_guarded(reader: _Reader, refs: list[Ref]) -> list[Any]:
+def _read_guarded(reader: Reader, refs: list[Ref]) -> list[Any]:
     """Read values; a source that can't be read fails its item, not the task."""
-    files = [i for i, r in enumerate(refs) if r[0] == "file"]
-    others = [i for i, r in enumerate(refs) if r[0] != "file"]
+    files = [i for i, r in enumerate(refs) if isinstance(r, FileRef)]
+    others = [i for i, r in enumerate(refs) if not isinstance(r, FileRef)]
     out: list[Any] = [None] * len(refs)
     if others:
         for i, v in zip(others, reader.read_many([refs[i] for i in others])):
@@ -437,27 +444,25 @@ def _read_guarded(reader: _Reader, refs: list[Ref]) -> list[Any]:
 
 
 def run_set(
-    ctx: Context,
+    ctx: TaskContext,
     step: ChainStep,
-    inputs: list[tuple],
+    inputs: list[AllInput | OneInput],
     digests: list[bytes],
 ) -> dict:
     """Run one set step and write its object; returns the object's manifest.
 
-    ``inputs`` has one entry per node input: ``("all", ids, ckeys, refs)`` or
-    ``("one", ckey, ref)``.
+    ``inputs`` has one entry per node input.
     """
     from store.packs import ItemResult, canonical_output, write_object
 
     store = ctx.store()
-    reader = _Reader(store)
+    reader = Reader(store)
     args = []
     for inp in inputs:
-        if inp[0] == "all":
-            _, ids, ckeys, refs = inp
-            args.append(Items(ids, ckeys, reader.read_many(refs)))
+        if isinstance(inp, AllInput):
+            args.append(Items(inp.ids, inp.ckeys, reader.read_many(inp.refs)))
         else:
-            args.append(reader.read_many([inp[2]])[0])
+            args.append(reader.read_many([inp.ref])[0])
     rk = item_key(step.prefix, digests)
     t0 = time.perf_counter()
     try:

@@ -31,14 +31,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from flow.keys import Key, key
 from flow.node import Node
 
-__all__ = ["Graph", "Input", "Step", "cull", "phases", "toposort"]
+__all__ = ["Graph", "Input", "Pin", "Step", "cull", "phases", "toposort"]
 
 SourceKind = Literal["files", "values", "file", "object"]
+
+
+class Pin(NamedTuple):
+    """The stored object an ``object`` source stands for (hex keys)."""
+
+    node: str
+    rkey: str
+    ckey: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +75,7 @@ class Step:
     inputs: tuple[Input, ...] = ()
     source: SourceKind | None = None
     path: str | None = None  # for a "file" source
-    pin: tuple[str, str, str] | None = None  # for an "object" source: (node, rkey, ckey) hex
+    pin: Pin | None = None  # for an "object" source
     _prefix: list = field(default_factory=list, repr=False, compare=False)
 
     @property

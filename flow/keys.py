@@ -39,6 +39,7 @@ node-level prefix digest with the input keys -- no per-item encoding work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -56,6 +57,7 @@ __all__ = [
     "item_key",
     "items_key",
     "key",
+    "params_json",
     "register",
     "register_lazy",
 ]
@@ -351,3 +353,13 @@ def items_key(ids: Iterable[str], ckeys: Iterable[bytes]) -> Key:
     raws = [i.encode("utf-8", "surrogateescape") for i in ids]
     buf = b"".join([b"".join((pack(len(r)), r, c)) for r, c in zip(raws, ckeys)])
     return Key(blake3(_ITEMS_DOMAIN + buf).digest(KEY_SIZE))
+
+
+def params_json(params: Any) -> str:
+    """Parameters as canonical JSON (how manifests record them)."""
+
+    def untuple(v: Any) -> Any:
+        return [untuple(x) for x in v] if isinstance(v, tuple | list) else v
+
+    d = params if isinstance(params, dict) else dataclasses.asdict(params)
+    return json.dumps({k: untuple(v) for k, v in d.items()}, sort_keys=True, separators=(",", ":"))

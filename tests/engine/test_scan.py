@@ -203,13 +203,15 @@ def test_the_stat_cache_fast_path_sees_a_changed_file(tmp_path):
 
 
 def test_file_refs_are_made_when_read():
+    from engine.refs import FileRef
     from engine.scan import FileRefs
 
     refs = FileRefs(["a.png", "b/c.dcm"], [b"k1", None], "/data")
     assert len(refs) == 2
-    assert refs[1] == ("file", "/data/b/c.dcm", None) and refs[-2] == ("file", "/data/a.png", b"k1")
+    assert refs[1] == FileRef("/data/b/c.dcm", None) and refs[-2] == FileRef("/data/a.png", b"k1")
+    assert refs[1].path == "/data/b/c.dcm" and refs[-2].key == b"k1"
     assert refs[0:2] == [refs[0], refs[1]] and list(refs) == [refs[0], refs[1]]
-    assert FileRefs(["/x/a.png"], [b"k"])[0] == ("file", "/x/a.png", b"k")  # full paths
+    assert FileRefs(["/x/a.png"], [b"k"])[0] == FileRef("/x/a.png", b"k")  # full paths
     with pytest.raises(ValueError, match="1 paths for 2 keys"):
         FileRefs(["a"], [b"k", b"l"])
 
