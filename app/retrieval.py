@@ -246,11 +246,13 @@ class Retriever:
     def warm(self) -> None:
         """Load the chain's nodes and fit objects and run one query, so that the
         first real query pays no start-up cost (best effort)."""
+        from app.pipeline import FitWire, query_wire
+
         for entry in self.chain:
             self._node(entry)
-            for w in entry["wires"]:
-                if w[0] == "object":
-                    self._object(w[1], w[2])
+            for w in map(query_wire, entry["wires"]):
+                if isinstance(w, FitWire):
+                    self._object(w.node, w.rkey)
         self._mips_steps()
         self.position("")
         self.label_rates()
@@ -309,22 +311,23 @@ class Retriever:
                 data = Path(name).read_bytes()
             except OSError as e:
                 raise FlowError(f"cannot read query image {name}: {e.strerror or e}") from None
+        from app.pipeline import FitWire, ImageWire, StepWire, query_wire
+
         values: dict[str, Any] = {}
         for entry in self.chain:
             n = self._node(entry)
+            wires = [query_wire(w) for w in entry["wires"]]
             args = []
-            for w in entry["wires"]:
-                if w[0] == "files":
+            for w in wires:
+                if isinstance(w, ImageWire):
                     args.append(data)
-                elif w[0] == "item":
-                    args.append(values[w[1]])
+                elif isinstance(w, StepWire):
+                    args.append(values[w.step])
                 else:
-                    args.append(self._object(w[1], w[2]))
+                    args.append(self._object(w.node, w.rkey))
             try:
                 if n.batched:
-                    item_args = [
-                        [a] if w[0] != "object" else a for a, w in zip(args, entry["wires"])
-                    ]
+                    item_args = [a if isinstance(w, FitWire) else [a] for a, w in zip(args, wires)]
                     out = n.fn(*item_args, **entry["params"])[0]
                 else:
                     out = n.fn(*args, **entry["params"])
@@ -343,11 +346,13 @@ class Retriever:
         fit object (the embedder) says ``"query": "mips"``.  Their stored
         vectors are in database form; a query takes ``_cnn.query_form``."""
         if self._mips is None:
+            from app.pipeline import FitWire, query_wire
+
             mips = set()
             for entry in self.chain:
-                for w in entry["wires"]:
-                    if w[0] == "object":
-                        obj = self._object(w[1], w[2])
+                for w in map(query_wire, entry["wires"]):
+                    if isinstance(w, FitWire):
+                        obj = self._object(w.node, w.rkey)
                         if isinstance(obj, dict) and obj.get("query") == "mips":
                             mips.add(entry["step"])
             self._mips = mips
@@ -496,12 +501,15 @@ class Retriever:
         dec, norm = self._step("decoded"), self._step("normalized")
         if entry is None or dec is None or norm is None:
             raise FlowError(f"ref {self.name!r}: a region index without its query chain")
+        from app.pipeline import query_wire
+
         self._node(entry)  # refuses when the regions code changed since the build
-        desc_step = entry["wires"][2][1]
+        # regions(decoded, normalized, descriptors, vocabulary): see nodes.regions
+        _, _, desc, vocab_wire = (query_wire(w) for w in entry["wires"])
+        desc_step = desc.step
         values = self.vectors(image, upto=desc_step)
         decoded, normalized = values[dec["step"]], values[norm["step"]]
-        vocab_wire = entry["wires"][3]
-        vocab = self._object(vocab_wire[1], vocab_wire[2])
+        vocab = self._object(vocab_wire.node, vocab_wire.rkey)
         size = int(np.asarray(normalized).shape[0])
         shape = np.asarray(decoded["pixels"]).shape
         if roi is None:
