@@ -78,24 +78,15 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
 
 
 def _store(ctx):
-    """The store, without scanning sources (queries must start fast)."""
-    if ctx.store_url and not ctx.project_path:
-        from store import open_store
+    from app.project import open_project_store
 
-        return open_store(ctx.store_url)
-    from app.project import load_project
-
-    return load_project(ctx.project_path, store=ctx.store_url).open_store()
+    return open_project_store(ctx.project_path, ctx.store_url)
 
 
 def _paths(ctx) -> dict[str, str]:
-    """Item id -> source file, when the project is at hand (for the montage)."""
-    try:
-        ws = ctx.workspace
-        items, _, meta = ws.items()
-        return dict(zip(items.ids, meta["paths"]))
-    except Exception:
-        return {}
+    from app.workspace import item_paths
+
+    return item_paths(ctx.project_path, ctx.store_url)
 
 
 @click.command("eval")

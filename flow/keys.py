@@ -146,7 +146,7 @@ def _dispatch(cls: type) -> Encoder:
         _lazy.pop(top)()
         _dispatch.cache_clear()
         return _dispatch(cls)
-    if dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen:
+    if dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]  # set by @dataclass
         return _encode_config
     raise TypeError(
         f"flow cannot key a value of type {cls.__module__}.{cls.__qualname__}: "
@@ -157,7 +157,7 @@ def _dispatch(cls: type) -> Encoder:
 
 
 def _encode(value: Any, out: list) -> None:
-    _dispatch(type(value))(value, out)
+    _dispatch(type(value))(value, out)  # type: ignore[arg-type]  # a type is hashable
 
 
 @register(type(None))
@@ -256,7 +256,7 @@ def _encode_array(value: np.ndarray, out: list) -> None:
     out.append(struct.pack(f"<{arr.ndim}Q", *arr.shape))
     out.append(_length(arr.nbytes))
     # the array's own buffer, not a copy: key() feeds it to the hasher as is
-    out.append(memoryview(arr).cast("B") if arr.nbytes else b"")
+    out.append(arr.data.cast("B") if arr.nbytes else b"")
 
 
 @register(np.generic)

@@ -38,8 +38,11 @@ Example (with plain dicts standing in for the store)::
     >>> g = Graph(); _ = g.source("files")
     >>> items = ItemTable(ids=["a.png"], splits=[""], sources={"files": [b"k" * 16]})
     >>> p = plan(g, items, catalogs={}, objects={})
-    >>> p.steps["files"].status
-    [0]
+    >>> [Status(s).name for s in p.steps["files"].status]
+    ['FRESH']
+    >>> broken = ItemTable(ids=["a.png"], splits=[""], sources={"files": [None]})
+    >>> [Status(s).name for s in plan(g, broken, {}, {}).steps["files"].status]
+    ['BLOCKED']
 """
 
 from __future__ import annotations
@@ -127,13 +130,13 @@ class KeyList(Sequence):
 
     def tolist(self) -> list[bytes | None]:
         if self._list is None:
-            self._list = _split(self._keys.tobytes(), KEY_SIZE)  # type: ignore[assignment]
-        return self._list  # type: ignore[return-value]
+            self._list = _split(self._keys.tobytes(), KEY_SIZE)  # type: ignore[assignment]  # every key is known
+        return self._list  # type: ignore[return-value]  # set just above
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.tolist()[i]
 
     def __iter__(self):
@@ -144,7 +147,7 @@ class KeyList(Sequence):
             other = other.tolist()
         return isinstance(other, list) and self.tolist() == other
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, like the list it stands for
 
     def __repr__(self) -> str:
         return repr(self.tolist())
@@ -276,20 +279,20 @@ def _recipe_keys(
             if k is None or len(k) != KEY_SIZE:
                 parts = None
                 break
-            parts.append(np.broadcast_to(np.frombuffer(k, np.uint8), (r, KEY_SIZE)))  # type: ignore[union-attr]
+            parts.append(np.broadcast_to(np.frombuffer(k, np.uint8), (r, KEY_SIZE)))  # type: ignore[union-attr]  # not None in the loop
         else:
             m = _key_matrix(up)
             if m is None:
                 parts = None
                 break
-            parts.append(m[ready])  # type: ignore[union-attr]
+            parts.append(m[ready])  # type: ignore[union-attr]  # not None in the loop
     if parts is None:  # keys of another size (only hand-made item tables): one by one
         out = []
         for i in ready.tolist():
             buf = base
             for inp in step.inputs:
                 up = done[inp.step]
-                buf += up.ckeys[0] if inp.mode == "one" else up.ckeys[i]  # type: ignore[operator]
+                buf += up.ckeys[0] if inp.mode == "one" else up.ckeys[i]  # type: ignore[operator]  # ready: inputs known
             out.append(blake3(buf).digest(KEY_SIZE))
         return b"".join(out)
     raw = np.concatenate(parts, axis=1).tobytes()
@@ -370,7 +373,7 @@ def _plan_item_step(
     rraw = _recipe_keys(step, ready, done, memo, new)
     rkm = np.frombuffer(rraw, np.uint8).reshape(r, KEY_SIZE)
     if r == n:
-        rkeys = KeyList(rkm)  # type: ignore[assignment]
+        rkeys = KeyList(rkm)  # type: ignore[assignment]  # reads as the list
     else:
         for i, k in zip(ready.tolist(), _split(rraw, KEY_SIZE)):
             rkeys[i] = k
@@ -384,7 +387,7 @@ def _plan_item_step(
     if len(fresh):
         ckm[fresh] = ckeys_of(rows[found])
         if len(fresh) == n:
-            ckeys = KeyList(ckm)  # type: ignore[assignment]
+            ckeys = KeyList(ckm)  # type: ignore[assignment]  # reads as the list
         else:
             for i, k in zip(fresh.tolist(), _split(ckm[fresh].tobytes(), KEY_SIZE)):
                 ckeys[i] = k
@@ -400,7 +403,7 @@ def _plan_item_step(
             if again:
                 why[i] = "retry"
             elif reasons and catalog is not None:
-                why[i] = ("inputs", _inputs_hex(step, i, done))  # type: ignore[assignment]
+                why[i] = ("inputs", _inputs_hex(step, i, done))
             else:
                 why[i] = "missing"
     sp = StepPlan(step.name, "item", status, rkeys, ckeys, why)
@@ -410,7 +413,7 @@ def _plan_item_step(
 
 def _inputs_hex(step: Step, i: int, done: dict[str, StepPlan]) -> str:
     keys = b"".join(
-        done[inp.step].ckeys[0] if inp.mode == "one" else done[inp.step].ckeys[i]  # type: ignore[misc]
+        done[inp.step].ckeys[0] if inp.mode == "one" else done[inp.step].ckeys[i]  # type: ignore[misc]  # known: the item ran
         for inp in step.inputs
     )
     return keys.hex()
@@ -432,7 +435,7 @@ def _plan_set_step(
         if inp.mode == "one":
             st = up.status[0]
             if st == Status.FRESH:
-                digests.append(up.ckeys[0])  # type: ignore[arg-type]
+                digests.append(up.ckeys[0])  # type: ignore[arg-type]  # fresh: known
             elif st in (Status.FAILED, Status.BLOCKED):
                 state = max(state, Status.BLOCKED)
             else:

@@ -145,9 +145,10 @@ class Catalog:
             for row, (pk, iid) in enumerate(zip(self.pack.tolist(), self.ids)):
                 latest[(steps[pk], iid)] = row  # rows are in pack creation order
             self._latest = latest
-        row = self._latest.get((step, item_id))
-        if row is None:
+        found = self._latest.get((step, item_id))
+        if found is None:
             return None
+        row = found
         p = self.packs[int(self.pack[row])]
         return Previous(p.version, p.fingerprint, p.params, self.inputs[row])
 
@@ -261,7 +262,7 @@ class Catalog:
         """Drop the rows of packs not in ``keep`` (they were collected)."""
         old = self.packs
         mapping = np.full(len(old) + 1, -1, np.int32)
-        new_packs = []
+        new_packs: list[PackInfo] = []
         for i, p in enumerate(old):
             if p.id in keep:
                 mapping[i] = len(new_packs)
@@ -458,7 +459,7 @@ def load_recipes(store: Store, node: str, steps: list[str] | None = None) -> Rec
             names = [n for n in store.list(f"cache/recipes/{node}") if n.endswith(".bin")]
         except OSError:
             return RecipeMemo()
-        wanted = {f"cache/recipes/{node}/{n}": None for n in names}
+        wanted: dict[str, str | None] = {f"cache/recipes/{node}/{n}": None for n in names}
     else:
         wanted = {_memo_path(node, st): st for st in steps}
     entries: dict[str, tuple[bytes, bytes]] = {}
@@ -548,8 +549,8 @@ class ObjectCatalog:
             for st in sorted(self.states.values(), key=lambda o: o.created):
                 latest[st.step] = st
             self._latest = latest
-        st = self._latest.get(step)
-        return st.previous if st is not None else None
+        found = self._latest.get(step)
+        return found.previous if found is not None else None
 
     def __len__(self) -> int:
         return len(self.states)

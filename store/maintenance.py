@@ -237,8 +237,8 @@ def collect(
             holds_purged = False
             if purge_keys:
                 try:
-                    doc = loads(store.get(f"{base}.json"), base)
-                    holds_purged = bool(purged(doc.get("attrs", {}).get("ids", ())))
+                    obj = loads(store.get(f"{base}.json"), base)
+                    holds_purged = bool(purged(obj.get("attrs", {}).get("ids", ())))
                 except (FileNotFoundError, CorruptObject):
                     pass
             if not holds_purged and ((node, rk) in roots or young(f"{base}.json")):
@@ -266,7 +266,7 @@ def collect(
         live = None if live_items is None else {bytes(k) for k in live_items.get(node, ())}
         for pid in sorted(manifests):
             base = f"packs/{node}/{pid}"
-            doc = None
+            doc: dict | None = None
             if purge_keys:
                 try:
                     doc = loads(store.get(f"{base}.json"), base)
@@ -292,7 +292,7 @@ def collect(
                 raw = bytes.fromhex(doc.get("rkeys", ""))
                 rks = {raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)}
                 rks |= {bytes.fromhex(f["rkey"]) for f in doc.get("failures", [])}
-                keep_it = bool(rks & live)  # type: ignore[operator]
+                keep_it = bool(rks & live)  # type: ignore[operator]  # live is a set here
             if keep_it:
                 out.kept_packs += 1
                 continue

@@ -332,7 +332,7 @@ def write_pack(
         "n": len(ok),
         "ids": [r.id for r in ok],
         "rkeys": "".join(r.rkey.hex() for r in ok),
-        "ckeys": "".join(r.ckey.hex() for r in ok),  # type: ignore[union-attr]
+        "ckeys": "".join(r.ckey.hex() for r in ok),  # type: ignore[union-attr]  # ok: computed
         "inputs": ["".join(k.hex() for k in r.inputs) for r in ok],
         "seconds": [round(r.seconds, 6) for r in ok],
         "fields": fields,
@@ -342,7 +342,7 @@ def write_pack(
                 "id": r.id,
                 "rkey": r.rkey.hex(),
                 "inputs": "".join(k.hex() for k in r.inputs),
-                **r.error,  # type: ignore[dict-item]
+                **r.error,  # type: ignore[dict-item]  # an error: a dict
             }
             for r in failed
         ],
@@ -384,7 +384,7 @@ def write_object(
             blob_meta[name] = {"size": len(blob.data), "key": bytes_key(blob.data).hex()}
         manifest.update(
             payload=payload,
-            ckey=Key(result.ckey).hex(),  # type: ignore[arg-type]
+            ckey=Key(result.ckey).hex(),  # type: ignore[arg-type]  # no error: computed
             arrays={n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()},
             blobs=blob_meta,
             attrs={k: _untuple(v) for k, v in attrs.items()},
@@ -541,7 +541,7 @@ class PackReader:
         except Exception as e:
             raise CorruptObject(f"pack {self.node}/{self.pack_id}: cannot read ({e})") from e
         attrs = self.manifest["attrs"]
-        out = []
+        out: list[Any] = []
         for i, p in enumerate(positions):
             if list(fields) == [_BARE] and not attrs:
                 out.append(cols[_BARE][i])
@@ -614,7 +614,7 @@ def read_object(store: Store, node: str, rkey: bytes, manifest: dict | None = No
                         f"{meta['shape']} {meta['dtype']}"
                     )
                 _check_chunks(store, f"{base}/{name}", z)
-                arr = z[...].reshape(meta["shape"])
+                arr = np.asarray(z[...]).reshape(meta["shape"])
             except CorruptObject:
                 raise
             except Exception as e:
