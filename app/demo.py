@@ -48,6 +48,11 @@ kind = "codes"
 embedding = "cnn"
 [targets.codes.coder]
 bits = 32
+
+# regions of every image (overlapping tiles), for region-of-interest queries:
+# `flow query IMAGE --target regions --roi x,y,w,h`, or draw a box in `flow serve`
+[targets.regions]
+kind = "regions"
 """
 
 

@@ -67,10 +67,15 @@ def demo(ctx, folder, n, epochs, scheduler, k):
             raise
     probe, labels = demo_probe(ctx.workspace)
     click.echo(f"\nquery: {probe} (labels: {'|'.join(labels)})")
-    cctx.invoke(query, image=probe, target="cnn", k=k, as_json=False, montage=None, search_k=None)
+    cctx.invoke(
+        query, image=probe, target="cnn", k=k, roi=None, as_json=False, montage=None, search_k=None
+    )
     click.echo("")
     cctx.invoke(
         evaluate, targets=("all",), k=10, as_json=False, plot=str(root / "eval.png"), scheduler=None
+    )
+    click.echo(
+        f"\nsearch it in a browser: flow -p {root} serve   (then open http://127.0.0.1:8000/)"
     )
 
 

@@ -18,6 +18,11 @@ from cli.main import handle_errors, pass_ctx
     default=None,
     help="annoy search_k: nodes inspected per query (more: slower, closer to exact).",
 )
+@click.option(
+    "--roi",
+    help="A region of interest x,y,w,h in IMAGE's pixels: regions targets return "
+    "matching regions (one per study); other targets search with that crop.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--montage",
@@ -26,31 +31,41 @@ from cli.main import handle_errors, pass_ctx
 )
 @pass_ctx
 @handle_errors
-def query(ctx, image, target, k, search_k, as_json, montage):
+def query(ctx, image, target, k, search_k, roi, as_json, montage):
     """Find the K most similar prior images to IMAGE (DICOM, PNG or JPEG).
 
     Runs the same decode/normalize/embed nodes the index was built with on
     IMAGE, then searches the target's current index.  Reads only the ref, the
     index and the fit objects: nothing is trained or recomputed.
     """
-    from app.retrieval import Retriever
+    from app.retrieval import Retriever, parse_roi
 
+    box = parse_roi(roi)
     store = _store(ctx)
     retr = Retriever.open(store, target)
-    hits = retr.query(image, k=k, search_k=search_k)
+    hits = retr.query(image, k=k, search_k=search_k, roi=box)
     if as_json:
         import json
 
-        click.echo(
-            json.dumps(
-                {"query": image, "target": target, "results": [h.to_json() for h in hits]}, indent=2
-            )
-        )
+        doc = {"query": image, "target": target, "results": [h.to_json() for h in hits]}
+        if box:
+            doc["roi"] = list(box)
+        click.echo(json.dumps(doc, indent=2))
     else:
+        regions = retr.kind == "regions"
         click.echo(
             table(
-                ["rank", "distance", "item", "labels"],
-                [[h.rank, round(h.distance, 4), h.id, "|".join(h.labels)] for h in hits],
+                ["rank", "distance", "item", *(["box x,y,w,h"] if regions else []), "labels"],
+                [
+                    [
+                        h.rank,
+                        round(h.distance, 4),
+                        h.id,
+                        *([",".join(map(str, h.box or ()))] if regions else []),
+                        "|".join(h.labels),
+                    ]
+                    for h in hits
+                ],
                 right={0, 1},
             )
         )
@@ -99,7 +114,18 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
 
     ws = ctx.workspace
     names = _targets(targets)
-    names = list(ws.targets) if names == "all" else names
+    if names == "all":
+        # a region index answers boxes, not images: see BENCHMARKS.md for its hit rate
+        names = [t for t, v in ws.targets.items() if v["kind"] != "regions"]
+    else:
+        for t in names:
+            if ws.targets.get(t, {}).get("kind") == "regions":
+                from flow.errors import ConfigError
+
+                raise ConfigError(
+                    f"flow eval measures whole-image retrieval; {t!r} is a regions target "
+                    "(its hit rate: bench/bench_serve.py --quality)"
+                )
     k = k or ws.project.eval_k
     results = [ws.evaluate(t, k, scheduler=scheduler, log=ctx.debug) for t in names]
     if as_json:
