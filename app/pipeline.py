@@ -39,7 +39,7 @@ from flow.errors import ConfigError
 from flow.graph import Graph, Input, Step, toposort
 from flow.node import Node
 
-KINDS = ("bovw", "cnn", "codes", "regions")
+TARGET_KINDS = ("bovw", "cnn", "codes", "regions")
 
 
 _NODE_PATHS = {
@@ -209,10 +209,12 @@ class _Builder:
 
     def target(self, t: str) -> None:
         spec = self.p.targets[t]
-        kind = spec.get("kind", t if t in KINDS else None)
+        kind = spec.get("kind", t if t in TARGET_KINDS else None)
         where = f"[targets.{t}]"
-        if kind not in KINDS:
-            raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in TARGET_KINDS:
+            raise ConfigError(
+                f"{where}: kind must be one of {', '.join(TARGET_KINDS)}, got {kind!r}"
+            )
         allowed = (
             _TARGET_KEYS
             | set(_ROLES[kind])
