@@ -101,7 +101,10 @@ def cli(
     cctx: click.Context, project: str | None, store: str | None, verbose: int, quiet: bool
 ) -> None:
     """flow: build and keep fresh content-based medical image retrieval indices."""
-    cctx.obj = Context(project, store, verbose, quiet)
+    if isinstance(cctx.obj, Context):  # given by the caller (a handed-over command)
+        cctx.obj.verbose, cctx.obj.quiet = verbose, quiet
+    else:
+        cctx.obj = Context(project, store, verbose, quiet)
 
 
 def _register() -> None:
@@ -117,5 +120,10 @@ _register()
 
 
 def main() -> None:
+    from app.handoff import try_handoff
+
+    code = try_handoff(sys.argv[1:])  # a running `flow watch` of the project takes it
+    if code is not None:
+        sys.exit(code)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cli(prog_name="flow")
