@@ -574,14 +574,3 @@ def test_known_step_plans_are_taken_as_they_are():
     _same_plans(again, full)
     assert all(again.steps[n] is some[n] for n in some)  # reused, not derived again
     assert again.steps[full.order[-1]] is not full.steps[full.order[-1]]
-
-
-def test_batch_sizes_one_task_per_worker_for_small_builds():
-    from engine.builder import _batch_size
-
-    assert _batch_size([], 100, 2, None) == 50  # 2 tasks, not 7 of <= 16
-    assert _batch_size([], 5, 2, None) == 3
-    assert _batch_size([], 5, 1, None) == 5
-    assert _batch_size([], 200, 2, None) == 25  # four tasks per worker from 16 a task
-    assert _batch_size([], 10**6, 2, None) == 1000
-    assert _batch_size([], 100, 2, 7) == 7  # [build] batch_size wins
