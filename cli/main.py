@@ -116,7 +116,12 @@ def _register() -> None:
             cli.add_command(cmd)
 
 
-_register()
+if __name__ == "__main__":  # python -m cli.main: the real module registers and runs
+    from cli.main import main as _main
+
+    _main()
+else:
+    _register()
 
 
 def main() -> None:
