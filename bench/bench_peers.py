@@ -5,17 +5,32 @@ Run::
     python bench/bench_peers.py [--items 2000] [--runs 3] [--json FILE]
     python bench/bench_peers.py --quick          # 200 items, 1 run
 
-Peers are optional benchmark dependencies, not project dependencies:
-``pip install redun`` (adds packages only) and Snakemake in its own venv,
-because ``pip install snakemake`` would downgrade ``packaging`` and upgrade
-``docutils`` in the system python::
+Peers are optional benchmark dependencies, not project dependencies.  They
+live in their own venv (``pip install snakemake`` would downgrade ``packaging``
+and upgrade ``docutils`` in flow's python), made by the script itself::
 
-    python -m venv /tmp/peers-venv --system-site-packages
-    /tmp/peers-venv/bin/pip install snakemake
+    python bench/bench_peers.py --setup-peers    # /tmp/peers-venv: snakemake, redun
 
-``--snakemake`` / ``--redun`` / ``--flow`` give the executables' paths
-(default: ``/tmp/peers-venv/bin/snakemake`` if present, else the ones beside
-this python, else ``PATH``).  A peer that is not installed is skipped.
+which is::
+
+    python -m venv --system-site-packages /tmp/peers-venv   # *this* python
+    /tmp/peers-venv/bin/pip install 'snakemake>=9,<10' redun
+
+The venv must be made from the interpreter that runs flow (``sys.executable``,
+not whatever ``python3`` is first on ``PATH``): its ``--system-site-packages``
+are then flow's, so the peers' jobs import the pipeline's nodes (numpy,
+onnxruntime, Pillow, annoy) from there.  Before timing anything, each peer's
+own interpreter (read from its executable's ``#!`` line) is asked to import
+the nodes (:func:`preflight`); a peer that can't is skipped with the reason
+and the command that fixes it.  The peers' jobs put this checkout first on
+``sys.path``, so they run the same node code as the ``flow`` row.
+
+``--snakemake`` / ``--redun`` give the executables' paths (default:
+``/tmp/peers-venv/bin/NAME`` if present, else the one beside this python, else
+``PATH``); a peer that is not installed is skipped.  flow runs as
+``python -c "from cli.main import main; main()"`` with ``PYTHONPATH`` set to
+this checkout (as ``bench_cli.py`` runs it), so the checkout measured is the
+one the script is in; ``--flow EXE`` runs an installed ``flow`` instead.
 
 What is measured
 ----------------
@@ -44,9 +59,9 @@ byte-identical (same work, same order).
 
 Rows:
 
-* ``flow``: ``flow build index --workers 2`` (default scheduler: a local
-  Dask cluster of 2 single-threaded worker processes, started by every
-  command, no-op included); the ratios are against this row;
+* ``flow``: ``flow build index --workers 2`` (default scheduler: 2 workers;
+  a no-op starts none, a small build runs in threads, a big one on a local
+  Dask cluster started on first use); the ratios are against this row;
 * ``flow-threads``: the same with ``--scheduler threads`` (2 threads, no
   cluster start);
 * ``flow-inproc``: ``Workspace.build`` in this process with one long-lived
@@ -102,7 +117,12 @@ from pathlib import Path
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+PEERS_VENV = Path("/tmp/peers-venv")
+PEERS = ("snakemake>=9,<10", "redun")
 
 from bench_incremental import _images, _onnx, project  # noqa: E402
 
@@ -142,6 +162,18 @@ def save_index_of_files(npys: list[str], out: str) -> None:
     save_index([Path(p).stem for p in npys], [np.load(p) for p in npys], out)
 
 
+def preflight() -> None:
+    """Import what the peers' jobs run (in the peer's own interpreter)."""
+    import annoy  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import PIL  # noqa: F401
+
+    import nodes.decode
+    import nodes.embed
+    import nodes.index
+    import nodes.normalize  # noqa: F401
+
+
 # --------------------------------------------------------------------------
 # the tools
 
@@ -150,7 +182,7 @@ REDUN_WORKFLOW = '''"""redun: a task per image, then an index task over all vect
 import os
 import sys
 
-sys.path.insert(0, @BENCH@)
+sys.path[:0] = [@BENCH@, @REPO@]
 
 from redun import Dir, File, task
 
@@ -185,7 +217,7 @@ max_workers = {WORKERS}
 SNAKEFILE = """import os
 import sys
 
-sys.path.insert(0, @BENCH@)
+sys.path[:0] = [@BENCH@, @REPO@]
 import bench_peers
 
 IMAGES = @IMAGES@
@@ -215,8 +247,8 @@ rule index:
 class _Cmd:
     """A tool run as the command a user types, in its own folder."""
 
-    def __init__(self, name: str, folder: Path, cmd: list[str]):
-        self.name, self.folder, self.cmd = name, folder, cmd
+    def __init__(self, name: str, folder: Path, cmd: list[str], env: dict | None = None):
+        self.name, self.folder, self.cmd, self.env = name, folder, cmd, env
         self.log = folder / "bench.log"
 
     def run(self) -> float:
@@ -224,7 +256,9 @@ class _Cmd:
             log.write(f"\n$ {' '.join(self.cmd)}\n".encode())
             log.flush()
             t0 = time.perf_counter()
-            rc = subprocess.run(self.cmd, cwd=self.folder, stdout=log, stderr=log).returncode
+            rc = subprocess.run(
+                self.cmd, cwd=self.folder, stdout=log, stderr=log, env=self.env
+            ).returncode
             dt = time.perf_counter() - t0
         if rc:
             tail = self.log.read_text(errors="replace")[-3000:]
@@ -261,19 +295,63 @@ class _FlowInProc:
 def _exe(name: str, given: str | None) -> str | None:
     if given:
         return given
-    folders = [Path(sys.executable).parent]
-    if name == "snakemake":
-        folders.insert(0, Path("/tmp/peers-venv/bin"))
+    folders = [PEERS_VENV / "bin", Path(sys.executable).parent]
     found = [f / name for f in folders if (f / name).exists()]
     return str(found[0]) if found else shutil.which(name)
 
 
-def _version(exe: str) -> str:
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"? ({e})"
-    return (out.stdout or out.stderr).strip().splitlines()[-1] if out.returncode == 0 else "?"
+def _python_of(exe: str) -> str:
+    """The interpreter a console script runs under (its ``#!`` line)."""
+    with open(exe, "rb") as fh:
+        first = fh.readline().decode(errors="replace").strip()
+    if first.startswith("#!"):
+        words = first[2:].split()
+        if words and Path(words[0]).name == "env" and len(words) > 1:
+            return shutil.which(words[1]) or words[1]
+        if words:
+            return words[0]
+    return sys.executable
+
+
+def _peer_python(exe: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in the peer's interpreter, with the peers' ``sys.path``."""
+    head = f"import sys; sys.path[:0] = [{str(BENCH)!r}, {str(REPO)!r}]\n"
+    return subprocess.run(
+        [_python_of(exe), "-c", head + code], capture_output=True, text=True, timeout=300
+    )
+
+
+def _version(exe: str, dist: str) -> str:
+    """The peer's version as its own interpreter sees it (not this one's)."""
+    out = _peer_python(exe, f"import importlib.metadata as m; print(m.version({dist!r}))")
+    return out.stdout.strip() if out.returncode == 0 else "?"
+
+
+def _check_peer(exe: str) -> str | None:
+    """None if the peer's interpreter imports the pipeline's nodes, else why not."""
+    out = _peer_python(exe, "import bench_peers; bench_peers.preflight()")
+    if out.returncode == 0:
+        return None
+    py = _python_of(exe)
+    err = (out.stderr.strip().splitlines() or ["?"])[-1]
+    return (
+        f"{py} cannot import the pipeline's nodes ({err}); make the venv from the python "
+        f"that runs flow: python bench/bench_peers.py --setup-peers (or "
+        f"{py} -m pip install numpy onnxruntime Pillow annoy blake3)"
+    )
+
+
+def setup_peers(venv: Path = PEERS_VENV) -> None:
+    """Make the peers' venv from this interpreter and install Snakemake and redun."""
+    if not (venv / "bin" / "python").exists():
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
+        )
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *PEERS], check=True)
+    for name in ("snakemake", "redun"):
+        exe = venv / "bin" / name
+        why = _check_peer(str(exe)) if exe.exists() else "not installed"
+        print(f"{name}: {_version(str(exe), name) if exe.exists() else '-'} {why or 'ok'}")
 
 
 def _flow_project(folder: Path, images: Path, weights: Path) -> None:
@@ -291,54 +369,76 @@ def _bytecode() -> None:
     60 ms of a 0.25 s no-op."""
     import compileall
 
-    repo = Path(__file__).resolve().parents[1]
-    for pkg in ("flow", "nodes", "store", "cli"):
-        compileall.compile_dir(str(repo / pkg), quiet=1)
+    for pkg in ("flow", "store", "engine", "nodes", "app", "cli"):
+        compileall.compile_dir(str(REPO / pkg), quiet=1)
+
+
+def _flow_cmd(given: str | None) -> tuple[list[str], dict | None]:
+    """How flow runs: this checkout (``PYTHONPATH``), or an installed ``--flow``."""
+    if given:
+        return [given], None
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
+    }
+    return [sys.executable, "-c", "from cli.main import main; main()"], env
 
 
 def _tools(root: Path, images: Path, weights: Path, args) -> tuple[list, dict]:
     tools, versions, skipped = [], {}, {}
     _bytecode()
-    flow_exe = _exe("flow", args.flow)
+    flow_cmd, flow_env = _flow_cmd(args.flow)
     want = set(args.tools.split(","))
     if "flow" in want:
         _flow_project(root / "flow", images, weights)
-        tools.append(_Cmd("flow", root / "flow", [flow_exe, "build", "index", "--workers", "2"]))
+        cmd = [*flow_cmd, "build", "index", "--workers", "2"]
+        tools.append(_Cmd("flow", root / "flow", cmd, flow_env))
     if "flow-threads" in want:
         _flow_project(root / "flow-threads", images, weights)
-        cmd = [flow_exe, "build", "index", "--scheduler", "threads", "--workers", "2"]
-        tools.append(_Cmd("flow-threads", root / "flow-threads", cmd))
+        cmd = [*flow_cmd, "build", "index", "--scheduler", "threads", "--workers", "2"]
+        tools.append(_Cmd("flow-threads", root / "flow-threads", cmd, flow_env))
     if "flow-inproc" in want:
         _flow_project(root / "flow-inproc", images, weights)
         tools.append(_FlowInProc(root / "flow-inproc"))
     versions["flow"] = md.version("flow-cbir")
-    if "redun" in want:
-        exe = _exe("redun", args.redun)
-        if exe is None:
-            skipped["redun"] = "not installed (pip install redun)"
+    peers = {"redun": args.redun, "snakemake": args.snakemake}
+    exes = {}
+    for name in ("redun", "snakemake"):
+        if name not in want:
+            continue
+        exe = _exe(name, peers[name])
+        why = (
+            "not installed (python bench/bench_peers.py --setup-peers)"
+            if exe is None
+            else _check_peer(exe)
+        )
+        if why:
+            skipped[name] = why
+            print(f"  skipping {name}: {why}", flush=True)
         else:
-            folder = root / "redun"
-            (folder / ".redun").mkdir(parents=True)
-            (folder / ".redun" / "redun.ini").write_text(REDUN_INI)
-            (folder / "workflow.py").write_text(REDUN_WORKFLOW.replace("@BENCH@", repr(str(BENCH))))
-            cmd = [exe, "run", "workflow.py", "main", "--images", str(images)]
-            tools.append(_Cmd("redun", folder, [*cmd, "--weights", str(weights)]))
-            versions["redun"] = md.version("redun")
-    if "snakemake" in want:
-        exe = _exe("snakemake", args.snakemake)
-        if exe is None:
-            skipped["snakemake"] = "not installed (see the docstring)"
-        else:
-            folder = root / "snakemake"
-            folder.mkdir()
-            snakefile = SNAKEFILE.replace("@BENCH@", repr(str(BENCH)))
-            snakefile = snakefile.replace("@IMAGES@", repr(str(images)))
-            (folder / "Snakefile").write_text(snakefile.replace("@WEIGHTS@", repr(str(weights))))
-            cmd = [exe, "--cores", str(WORKERS)]
-            if args.snakemake_mode == "threads":
-                cmd.append("--force-use-threads")
-            tools.append(_Cmd("snakemake", folder, cmd))
-            versions["snakemake"] = _version(exe)
+            exes[name] = exe
+            versions[name] = _version(exe, name)
+    if "redun" in exes:
+        folder = root / "redun"
+        (folder / ".redun").mkdir(parents=True)
+        (folder / ".redun" / "redun.ini").write_text(REDUN_INI)
+        workflow = REDUN_WORKFLOW.replace("@BENCH@", repr(str(BENCH)))
+        (folder / "workflow.py").write_text(workflow.replace("@REPO@", repr(str(REPO))))
+        cmd = [exes["redun"], "run", "workflow.py", "main", "--images", str(images)]
+        tools.append(_Cmd("redun", folder, [*cmd, "--weights", str(weights)]))
+    if "snakemake" in exes:
+        folder = root / "snakemake"
+        folder.mkdir()
+        snakefile = SNAKEFILE.replace("@BENCH@", repr(str(BENCH)))
+        snakefile = snakefile.replace("@REPO@", repr(str(REPO)))
+        snakefile = snakefile.replace("@IMAGES@", repr(str(images)))
+        (folder / "Snakefile").write_text(snakefile.replace("@WEIGHTS@", repr(str(weights))))
+        cmd = [exes["snakemake"], "--cores", str(WORKERS)]
+        if args.snakemake_mode == "threads":
+            cmd.append("--force-use-threads")
+        tools.append(_Cmd("snakemake", folder, cmd))
     return tools, {"versions": versions, "skipped": skipped}
 
 
@@ -499,7 +599,12 @@ def main() -> None:
         default="flow,flow-threads,flow-inproc,redun,snakemake",
         help="comma-separated subset of flow,flow-threads,flow-inproc,redun,snakemake",
     )
-    ap.add_argument("--flow", help="flow executable")
+    ap.add_argument(
+        "--setup-peers",
+        action="store_true",
+        help=f"make {PEERS_VENV} from this python with Snakemake and redun, then exit",
+    )
+    ap.add_argument("--flow", help="an installed flow executable (default: this checkout)")
     ap.add_argument("--redun", help="redun executable")
     ap.add_argument("--snakemake", help="snakemake executable")
     ap.add_argument(
@@ -511,6 +616,9 @@ def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
+    if args.setup_peers:
+        setup_peers()
+        return
     items, runs = (200, 1) if args.quick else (args.items, args.runs)
     root = Path(tempfile.mkdtemp(prefix="flow-peers-"))
     try:
