@@ -46,17 +46,35 @@ cast).  Lossy JPEG output can differ between codec builds; recipes record versio
 from __future__ import annotations
 
 import contextlib
-import hmac
+import importlib
 import io
 import os
 import re
+import types
 import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from flow import Blob, ItemError, node
+
+
+class _OnFirstUse(types.ModuleType):
+    """A module imported when one of its names is first read.
+
+    A no-op ``flow build`` imports this module for the node's fingerprint but decodes
+    nothing: Pillow's import (about 10 ms) and hmac's wait for the first image.  The import
+    system's own lock makes the first use from several threads safe.  The names the
+    node reads (``Image.open`` ...) are unchanged, and so is its code fingerprint.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+hmac: Any = _OnFirstUse("hmac")  # it loads OpenSSL (about 3 ms)
+Image: Any = _OnFirstUse("PIL.Image")
+ImageOps: Any = _OnFirstUse("PIL.ImageOps")
 
 # The only keys ``decoded`` returns, besides the pixels: no patient name/ID/birth date,
 # accession number or UID in clear.  ``study`` is a salted hash of StudyInstanceUID.
