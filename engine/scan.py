@@ -403,16 +403,24 @@ def file_keys(
         except OSError as e:
             return i, None, f"cannot read {path}: {e.strerror or e}"
 
+    def some(chunk: list[int]) -> list[tuple[int, bytes | None, str | None]]:
+        return [one(i) for i in chunk]
+
     if todo:
         from concurrent.futures import ThreadPoolExecutor
 
+        # files in chunks: one thread-pool task per file cost about as much as
+        # hashing a small file
+        per = max(1, min(64, len(todo) // (4 * max(1, threads))))
+        chunks = [todo[lo : lo + per] for lo in range(0, len(todo), per)]
         with ThreadPoolExecutor(max(1, threads)) as ex:
-            for i, k, err in ex.map(one, todo):
-                keys[i] = k
-                if err:
-                    errors[i] = err
-                elif cache is not None:
-                    cache.update(rels[i], stats[i], k)  # type: ignore[arg-type]
+            for done in ex.map(some, chunks):
+                for i, k, err in done:
+                    keys[i] = k
+                    if err:
+                        errors[i] = err
+                    elif cache is not None:
+                        cache.update(rels[i], stats[i], k)  # type: ignore[arg-type]
     if cache is not None:
         with paused_gc():
             cache.prune(rels)

@@ -331,6 +331,7 @@ def run_chain(
         vals[st.name] = [None] * n
         todo: list[int] = []
         in_keys: dict[int, list[bytes]] = {}
+        rkeys: dict[int, bytes] = {}
         reused = failed_n = 0
         for i, it in enumerate(items):
             keys: list[bytes] = []
@@ -360,6 +361,7 @@ def run_chain(
             else:
                 todo.append(i)
                 in_keys[i] = keys
+                rkeys[i] = rk
         # gather input values for the items to compute
         args: dict[int, list[Any]] = {i: [] for i in todo}
         bad: dict[int, dict] = {}
@@ -392,7 +394,7 @@ def run_chain(
         shared = tuple(j for j, w in enumerate(st.wires) if isinstance(w, OneWire))
         calls = _call_items(st.node, st.params, [args[i] for i in run], shared)
         for i, (v, err, dt) in zip(run, calls):
-            rk = item_key(st.prefix, in_keys[i])
+            rk = rkeys[i]
             if err is None:
                 c = key(v)
                 vals[st.name][i] = v
@@ -403,8 +405,7 @@ def run_chain(
                     ItemResult(items[i].id, rk, tuple(in_keys[i]), error=err, seconds=dt)
                 )
         for i, err in bad.items():
-            rk = item_key(st.prefix, in_keys[i])
-            results.append(ItemResult(items[i].id, rk, tuple(in_keys[i]), error=err))
+            results.append(ItemResult(items[i].id, rkeys[i], tuple(in_keys[i]), error=err))
         if results:
             manifest = write_pack(store, st.recipe, results)
             result.manifests.append(manifest)

@@ -45,12 +45,17 @@ def _canonical_attr(value: Any, where: str) -> Any:
     )
 
 
+_PLAIN = frozenset("biufc")  # bool, integers, floats, complex: stored as they are
+
+
 def canonical_output(value: Any, *, node: str = "node", allow_blobs: bool = True) -> Any:
     """The canonical form of a node's return value (what is keyed and stored).
 
     numpy scalars become 0-d arrays, lists become tuples, arrays become
     C-contiguous; anything else raises :class:`TypeError` naming the node.
     """
+    if type(value) is np.ndarray and value.flags.c_contiguous and value.dtype.kind in _PLAIN:
+        return value  # already canonical (the common case: one check, not four)
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
