@@ -10,7 +10,15 @@ On a synthetic catalog of small files and the generic chain of
   hand-written loop doing the same computation and writing the same arrays
   with zarr in the same packing, measured in the same run; ratio.
 * **scaling**: a CPU-bound build on a local Dask cluster of 2 workers against
-  1 worker (cluster start excluded); ratio.
+  1 worker (cluster start excluded); ratio.  Both clusters are started first
+  and the runs alternate (1, 2, 1, 2 ...), so load drifts over both alike.
+  Beside it, in the same alternation, the **machine's own ceiling**: the same
+  node calls over the same files in 1 and in 2 plain processes
+  (``multiprocessing``, no flow, no store), so that a speed-up below 2x can be
+  told apart: what the shared machine gives two processes, and what flow costs
+  on top.
+
+The overhead's timings exclude removing the previous run's output (both sides).
 
 Prints a table; ``--json`` writes the numbers too.
 """
@@ -120,67 +128,125 @@ def overhead(tmp: Path, n: int, runs: int) -> dict:
     ft.write_synthetic_files(data, n, size=4096)
     pack = 1000
 
+    st, out = tmp / "ovh_store", tmp / "ovh_hand"
+
     def flow_build() -> None:
-        st = tmp / "ovh_store"
-        shutil.rmtree(st, ignore_errors=True)
         store = open_store(st)
         items, sources = ft.synthetic_inputs(data, None)
         rep = build(ft.synthetic_graph(), items, sources, store, progress=False, batch_size=pack)
         assert rep.ok
 
     def hand() -> None:
-        out = tmp / "ovh_hand"
-        shutil.rmtree(out, ignore_errors=True)
         _hand_loop(data, out, pack)
 
     flow_times, hand_times = [], []
     for _ in range(runs):  # interleaved, so drift hits both alike
+        shutil.rmtree(st, ignore_errors=True)
         flow_times.append(_median(flow_build, 1)[0])
+        shutil.rmtree(out, ignore_errors=True)
         hand_times.append(_median(hand, 1)[0])
     f, h = statistics.median(flow_times), statistics.median(hand_times)
-    return {"items": n, "flow_s": round(f, 3), "hand_loop_s": round(h, 3), "ratio": round(f / h, 3)}
+    return {
+        "items": n,
+        "flow_s": round(f, 3),
+        "hand_loop_s": round(h, 3),
+        "ratio": round(f / h, 3),
+        "flow_runs_s": [round(t, 3) for t in flow_times],
+        "hand_runs_s": [round(t, 3) for t in hand_times],
+    }
+
+
+def _raw_work(args: tuple[list[str], int]) -> int:
+    """The node calls of one share of the files, as plain Python (the ceiling)."""
+    paths, work = args
+    k = ft.smoothed.params()
+    for f in paths:
+        x = ft.parsed.fn(Path(f).read_bytes(), scale=1.0)
+        y = ft.smoothed.fn(x, width=k.width, work=work)
+        ft.histogram.fn(y, bins=16)
+    return len(paths)
+
+
+def _raw(pool, files: list[str], work: int, procs: int) -> float:
+    shares = [(files[i::procs], work) for i in range(procs)]
+    t0 = time.perf_counter()
+    assert sum(pool.map(_raw_work, shares)) == len(files)
+    return time.perf_counter() - t0
 
 
 def scaling(tmp: Path, n: int, work: int, runs: int) -> dict:
+    import multiprocessing as mp
+
     data = tmp / f"scale{n}"
     ft.write_synthetic_files(data, n, size=4096)
+    files = [str(p) for p in sorted(data.glob("*.bin"))]
     params = {"smoothed": {"work": work}}
-    out = {}
-    for workers in (1, 2):
-        ex = get_executor("local", workers)
-        try:
-            times = []
-            for r in range(runs):
-                st = tmp / f"scale_store_{workers}_{r}"
+    exs = {w: get_executor("local", w) for w in (1, 2)}
+    ctx = mp.get_context("spawn")
+    pools = {w: ctx.Pool(w) for w in (1, 2)}
+    times: dict[int, list[float]] = {1: [], 2: []}
+    raw: dict[int, list[float]] = {1: [], 2: []}
+    load = [os.getloadavg()]
+    try:
+        for w in (1, 2):  # warm: imports in the workers, the pools' processes
+            _raw(pools[w], files[: 4 * w], work, w)
+        for r in range(runs + 1):  # the first round warms the workers, not counted
+            for w in (1, 2) if r % 2 == 0 else (2, 1):
+                st = tmp / f"scale_store_{w}_{r}"
                 store = open_store(st)
                 items, sources = ft.synthetic_inputs(data, None)
                 t0 = time.perf_counter()
-                rep = build(ft.synthetic_graph(params), items, sources, store, ex, progress=False)
-                times.append(time.perf_counter() - t0)
+                rep = build(
+                    ft.synthetic_graph(params), items, sources, store, exs[w], progress=False
+                )
+                dt = time.perf_counter() - t0
                 assert rep.ok
-        finally:
+                shutil.rmtree(st, ignore_errors=True)
+                raw_dt = _raw(pools[w], files, work, w)
+                if r:
+                    times[w].append(dt)
+                    raw[w].append(raw_dt)
+        load.append(os.getloadavg())
+    finally:
+        for ex in exs.values():
             ex.close()
-        out[workers] = statistics.median(times)
+        for pool in pools.values():
+            pool.terminate()
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    raw1, raw2 = statistics.median(raw[1]), statistics.median(raw[2])
     return {
         "items": n,
         "work": work,
-        "one_worker_s": round(out[1], 3),
-        "two_workers_s": round(out[2], 3),
-        "speedup": round(out[1] / out[2], 3),
+        "one_worker_s": round(one, 3),
+        "two_workers_s": round(two, 3),
+        "speedup": round(one / two, 3),
+        "runs_s": {str(w): [round(t, 3) for t in v] for w, v in times.items()},
+        "raw_one_s": round(raw1, 3),
+        "raw_two_s": round(raw2, 3),
+        "raw_speedup": round(raw1 / raw2, 3),
+        "raw_runs_s": {str(w): [round(t, 3) for t in v] for w, v in raw.items()},
+        "loadavg_before_after": load,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="10k no-op only, fewer runs")
+    ap.add_argument(
+        "--only",
+        choices=["noop", "overhead", "scaling"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flow-bench-"))
     results: dict = {}
     try:
+        only = set(args.only or ["noop", "overhead", "scaling"])
         sizes = (10_000,) if args.quick else (10_000, 100_000)
-        results["noop"] = [noop(tmp, n, args.runs) for n in sizes]
+        results["noop"] = [noop(tmp, n, args.runs) for n in sizes] if "noop" in only else []
         for r in results["noop"]:
             print(
                 f"no-op {r['items']:>7} items: median {r['noop_median_s']:.3f} s "
@@ -188,20 +254,24 @@ def main() -> None:
                 f"(first build {r['first_build_s']} s)",
                 flush=True,
             )
-        results["overhead"] = overhead(tmp, 2000 if args.quick else 10_000, 3)
-        o = results["overhead"]
-        print(
-            f"overhead {o['items']} items: flow {o['flow_s']} s, hand loop {o['hand_loop_s']} s,"
-            f" ratio {o['ratio']}",
-            flush=True,
-        )
-        results["scaling"] = scaling(tmp, 400 if args.quick else 2000, 40, 3)
-        s = results["scaling"]
-        print(
-            f"scaling {s['items']} items (work={s['work']}): 1 worker {s['one_worker_s']} s, "
-            f"2 workers {s['two_workers_s']} s, speedup {s['speedup']}",
-            flush=True,
-        )
+        if "overhead" in only:
+            results["overhead"] = o = overhead(tmp, 2000 if args.quick else 10_000, args.runs)
+            print(
+                f"overhead {o['items']} items: flow {o['flow_s']} s, hand loop "
+                f"{o['hand_loop_s']} s, ratio {o['ratio']} (flow {o['flow_runs_s']}, hand "
+                f"{o['hand_runs_s']}; load {os.getloadavg()})",
+                flush=True,
+            )
+        if "scaling" in only:
+            results["scaling"] = s = scaling(tmp, 400 if args.quick else 2000, 40, args.runs)
+            print(
+                f"scaling {s['items']} items (work={s['work']}): 1 worker {s['one_worker_s']} s, "
+                f"2 workers {s['two_workers_s']} s, speedup {s['speedup']} {s['runs_s']}; the "
+                f"machine's ceiling (same calls, plain processes): {s['raw_one_s']} s / "
+                f"{s['raw_two_s']} s = {s['raw_speedup']} {s['raw_runs_s']}; load "
+                f"{s['loadavg_before_after']}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

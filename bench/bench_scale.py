@@ -70,6 +70,7 @@ def _summary(times: list[float], parts: list[dict]) -> dict:
         "noop_runs_s": [round(t, 3) for t in times],
         "first_noop_s": round(times[0], 3),
         "median_parts_s": {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]},
+        "parts_s": [{k: round(v, 3) for k, v in p.items()} for p in parts],
     }
 
 
