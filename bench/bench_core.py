@@ -139,20 +139,31 @@ def overhead(tmp: Path, n: int, runs: int) -> dict:
     def hand() -> None:
         _hand_loop(data, out, pack)
 
+    def cpu(fn) -> tuple[float, float]:
+        """Wall and CPU seconds (all of this process's threads) of ``fn()``."""
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - w, time.process_time() - c
+
     flow_times, hand_times = [], []
     for _ in range(runs):  # interleaved, so drift hits both alike
         shutil.rmtree(st, ignore_errors=True)
-        flow_times.append(_median(flow_build, 1)[0])
+        flow_times.append(cpu(flow_build))
         shutil.rmtree(out, ignore_errors=True)
-        hand_times.append(_median(hand, 1)[0])
-    f, h = statistics.median(flow_times), statistics.median(hand_times)
+        hand_times.append(cpu(hand))
+    f, h = (statistics.median(t[0] for t in x) for x in (flow_times, hand_times))
+    fc, hc = (statistics.median(t[1] for t in x) for x in (flow_times, hand_times))
     return {
         "items": n,
         "flow_s": round(f, 3),
         "hand_loop_s": round(h, 3),
         "ratio": round(f / h, 3),
-        "flow_runs_s": [round(t, 3) for t in flow_times],
-        "hand_runs_s": [round(t, 3) for t in hand_times],
+        "flow_runs_s": [round(t[0], 3) for t in flow_times],
+        "hand_runs_s": [round(t[0], 3) for t in hand_times],
+        # CPU time moves less than wall time when other jobs share the cores
+        "flow_cpu_s": round(fc, 3),
+        "hand_loop_cpu_s": round(hc, 3),
+        "cpu_ratio": round(fc / hc, 3),
     }
 
 
@@ -259,7 +270,8 @@ def main() -> None:
             print(
                 f"overhead {o['items']} items: flow {o['flow_s']} s, hand loop "
                 f"{o['hand_loop_s']} s, ratio {o['ratio']} (flow {o['flow_runs_s']}, hand "
-                f"{o['hand_runs_s']}; load {os.getloadavg()})",
+                f"{o['hand_runs_s']}); CPU time {o['flow_cpu_s']} s / {o['hand_loop_cpu_s']} s"
+                f" = {o['cpu_ratio']}; load {os.getloadavg()}",
                 flush=True,
             )
         if "scaling" in only:
