@@ -19,8 +19,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.scan import SKIP_NAME
-
 __all__ = ["Preflight", "preflight"]
 
 _EXAMPLES = 3
@@ -69,18 +67,15 @@ def preflight(ws: Any, targets: list[str] | str = "all") -> Preflight:
         skipped = sum(len(v) for v in rep.skipped.values())
         line = f"source {rep.name} ({rep.path}): {rep.files} image file(s)"
         if skipped:
-            why = "; ".join(f"{len(v)} {reason}" for reason, v in sorted(rep.skipped.items()))
+            why = "; ".join(
+                f"{len(v)} {reason} ({_some(v)})" for reason, v in sorted(rep.skipped.items())
+            )
             line += f"; {skipped} other file(s) skipped: {why}"
         out.lines.append(line)
         if not rep.files:
             out.problems.append(
                 f"source {rep.name}: no image file (DICOM, PNG, JPEG) under {rep.path}"
                 + (f" ({skipped} other file(s) there)" if skipped else "")
-            )
-        names = rep.skipped.get(SKIP_NAME, [])
-        if names and rep.files:
-            out.warnings.append(
-                f"source {rep.name}: {len(names)} file(s) not images: {_some(names)}"
             )
         if rep.labels is None:
             continue

@@ -222,19 +222,16 @@ def gc(ctx, delete, keep, grace, as_json):
 @pass_ctx
 @handle_errors
 def graph(ctx, output, targets):
-    """Draw the targets' graph to OUTPUT (.png, .svg, or .dot), stale steps marked."""
-    from app.draw import dot, draw
+    """Draw the targets' graph to OUTPUT (.svg, .png, .pdf through Graphviz's dot;
+    .dot as text): one cluster per target, steps coloured by state, a legend."""
+    from app.draw import draw, target_groups
     from cli.build import _targets
 
     ws = ctx.workspace
-    names = _targets(targets)
+    names = ws._names(_targets(targets))
     g = ws.subgraph(names)
     summary = ws.plan(names, reasons=False).summary()
-    if output.endswith(".dot"):
-        with open(output, "w") as fh:
-            fh.write(dot(g, summary) + "\n")
-    else:
-        draw(g, output, summary, title=f"{ws.project.file}")
+    draw(g, output, summary, title=f"{ws.project.file}", groups=target_groups(g, ws.targets, names))
     click.echo(f"wrote {output}")
 
 

@@ -180,6 +180,7 @@ def _scan_folder(
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
     wanted = _matcher(include, exclude, extensionless)
     suffixes = _suffixes_only(include, exclude, extensionless)
+    excluded = re.compile("|".join(map(fnmatch.translate, exclude))).match if exclude else None
     rels: list[str] = []
     stats: list[FileStat] = []
     under = under.strip("/")
@@ -217,8 +218,11 @@ def _scan_folder(
                         take = name.endswith(suffixes)
                     else:
                         take = wanted(name, pre + name)
-                    if not take and not (by_content or skipped is not None):
-                        continue
+                    if not take and (
+                        not (by_content or skipped is not None)
+                        or (excluded is not None and (excluded(name) or excluded(pre + name)))
+                    ):
+                        continue  # excluded on purpose: not even a stat
                     if not e.is_file():
                         continue
                     st = e.stat()
