@@ -295,3 +295,21 @@ def test_a_heartbeat_line_says_how_training_goes_outside_a_terminal(tmp_path, mo
     beats = [ln for ln in out.splitlines() if ln.startswith("working: ")]
     assert any("embedder:" in b and "/40 epochs" in b and "loss" in b for b in beats), out
     assert any("left" in b for b in beats)
+
+
+def test_a_16_bit_png_of_the_same_values_finds_the_8_bit_image(built, tmp_path):
+    """PNG carries no BitsStored: a 16-bit PNG holding 8-bit values decodes as the
+    8-bit PNG does (scaled by 255, not 65535), so bovw finds the indexed image."""
+    from nodes.decode import decoded
+
+    src = built / "images" / "im5.png"
+    a = np.asarray(Image.open(src))
+    wide = tmp_path / "im5-16bit.png"
+    Image.fromarray(a.astype(np.uint16)).save(wide)
+    assert Image.open(wide).mode.startswith("I")
+    np.testing.assert_array_equal(
+        decoded(wide.read_bytes())["pixels"], decoded(src.read_bytes())["pixels"]
+    )
+    doc = json.loads(run(built, "query", str(wide), "--target", "bovw", "-k", "1", "--json"))
+    assert doc["results"][0]["id"] == "im5.png"
+    assert doc["results"][0]["distance"] < 0.01
