@@ -111,7 +111,7 @@ def preflight(ws: Any, targets: list[str] | str = "all") -> Preflight:
         out.lines.append(f"every item ({meta['forgotten']}) was withdrawn by flow forget")
     elif not out.problems:
         out.problems.append("the sources hold no image file")
-    names = list(ws.targets) if targets in ("all", ["all"]) else list(targets)
+    names = ws._names(targets)  # an unknown target: the error naming the valid ones
     pins = ws.pinned()
     seen: set[str] = set()
     for t in names:

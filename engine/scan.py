@@ -143,7 +143,7 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def image_kind(head: bytes) -> str | None:
-    """``"dicom"``, ``"png"``, ``"jpeg"`` from a file's first 132 bytes, or None.
+    r"""``"dicom"``, ``"png"``, ``"jpeg"`` from a file's first 132 bytes, or None.
 
     >>> image_kind(bytes(128) + b"DICM"), image_kind(b"\xff\xd8\xff\xe0"), image_kind(b"GIF8")
     ('dicom', 'jpeg', None)
