@@ -115,7 +115,10 @@ def cli(
     cctx: click.Context, project: str | None, store: str | None, verbose: int, quiet: bool
 ) -> None:
     """flow: build and keep fresh content-based medical image retrieval indices."""
-    cctx.obj = Context(project, store, verbose, quiet)
+    if isinstance(cctx.obj, Context):  # given by the caller (a handed-over command)
+        cctx.obj.verbose, cctx.obj.quiet = verbose, quiet
+    else:
+        cctx.obj = Context(project, store, verbose, quiet)
 
 
 def _register() -> None:
@@ -127,7 +130,12 @@ def _register() -> None:
             cli.add_command(cmd)
 
 
-_register()
+if __name__ == "__main__":  # python -m cli.main: the real module registers and runs
+    from cli.main import main as _main
+
+    _main()
+else:
+    _register()
 
 
 def main() -> None:
@@ -135,8 +143,16 @@ def main() -> None:
     parses, while a module loads -- ends it with one line and status 130."""
     import signal
 
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill is a Ctrl-C
+    try:
+        from app.handoff import try_handoff
+
+        code = try_handoff(sys.argv[1:])  # a running `flow watch` of the project takes it
+    except KeyboardInterrupt:
+        interrupted()
+    if code is not None:
+        sys.exit(code)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
         code = cli.main(prog_name="flow", standalone_mode=False)
     except KeyboardInterrupt:

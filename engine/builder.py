@@ -210,11 +210,13 @@ class Builder:
         log: Callable[[str], None] | None = None,
         known: Mapping[str, Any] | None = None,
         catalogs: dict | None = None,
+        cancel: Any = None,
     ):
         """``known``: step plans still current (see :func:`flow.plan.plan`), used
         until this build runs something for them; ``catalogs``: item catalogs
         loaded (and kept current) by an earlier build of this process, by node
-        name -- the ones missing are loaded and added to it."""
+        name -- the ones missing are loaded and added to it; ``cancel``: an event
+        another thread sets to stop the build as a Ctrl-C would."""
         self.graph, self.items, self.sources = graph, items, sources
         self.store, self.executor = store, executor
         self.retry_failed, self.fail_fast = retry_failed, fail_fast
@@ -231,6 +233,7 @@ class Builder:
         cats, self.objects = load_holdings(store, graph, self.catalogs)
         self.catalogs.update(cats)
         self._known = dict(known or {})
+        self._cancel = cancel  # a threading.Event set from elsewhere: stop as at a Ctrl-C
         self.report: BuildReport | None = None
         self._failures: list[Failure] = []
         self._stop = False
@@ -543,7 +546,7 @@ class Builder:
             done, pending = self.executor.wait_any(futures, timeout=0.2)
             for r in self.channel.drain():
                 self.progress.report(r)
-            if self._interrupted:
+            if self._interrupted or (self._cancel is not None and self._cancel.is_set()):
                 self.channel.cancelled = True  # a fit in a thread stops at its next report
                 raise KeyboardInterrupt
             self.progress.tick()
@@ -596,6 +599,8 @@ class Builder:
         p, p_at = before, self._submitted
         try:
             for item_steps, set_steps in phases(self.graph):
+                if self._cancel is not None and self._cancel.is_set():
+                    raise KeyboardInterrupt
                 if self._stop or self._interrupted:
                     break
                 if item_steps and any(not p.steps[n].done for n in item_steps):
