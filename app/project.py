@@ -423,9 +423,9 @@ def load_project(path: str | os.PathLike | None = None, *, store: str | None = N
     folder upwards: :func:`find_project`)."""
     p = find_project(path)
     if not p.is_file():
-        where = p if path else f"{Path.cwd()} or any folder above it"
+        where = p if path else f"{Path.cwd() / FILENAME} (nor in any folder above it)"
         raise ConfigError(
-            f"no project file ({FILENAME}) in {where}: run `flow init` to write one, "
+            f"no project file at {where}: run `flow init` to write one, "
             "or `flow demo` to try flow"
         )
     try:
@@ -447,6 +447,8 @@ def project_from_dict(
 
     st = raw.get("store", {})
     _check_keys(f"{where}: [store]", st, {"url", "options"})
+    if not isinstance(st.get("url", ""), str):
+        raise ConfigError(f"{where}: [store] url must be a folder or a URL (a string)")
     url = store or st.get("url", ".flow/store")
     if "://" not in url:
         url = str(rel(url))
@@ -514,7 +516,7 @@ def project_from_dict(
 
         cluster_config(raw["cluster"], f"{where}: [cluster]", root=root)  # raises on a bad key
     workers = build.get("workers")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
+    if workers is not None and not _positive_int(workers):
         raise ConfigError(f"{where}: [build] workers must be a positive integer")
     scheduler = build.get("scheduler", "local")
     _check_scheduler(f"{where}: [build] scheduler", scheduler)

@@ -169,7 +169,7 @@ def test_the_project_is_found_from_a_subfolder(tmp_path, monkeypatch):
     assert "2 image file(s)" in run(None, "status")
     monkeypatch.chdir(tmp_path.parent)
     out = run(None, "status", code=2)
-    assert "no project file (flow.toml)" in out
+    assert "no project file at" in out and "nor in any folder above it" in out
 
 
 # --------------------------------------------------------------------------
