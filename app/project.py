@@ -425,8 +425,7 @@ def load_project(path: str | os.PathLike | None = None, *, store: str | None = N
     if not p.is_file():
         where = p if path else f"{Path.cwd() / FILENAME} (nor in any folder above it)"
         raise ConfigError(
-            f"no project file at {where}: run `flow init` to write one, "
-            "or `flow demo` to try flow"
+            f"no project file at {where}: run `flow init` to write one, or `flow demo` to try flow"
         )
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
