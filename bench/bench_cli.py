@@ -14,6 +14,11 @@ user types it:
 * ``incremental`` (``--incremental``): 1% new images are added, then one
   ``flow build``; its time as a share of the full build (``--rounds`` rounds).
 
+``--watch`` runs a ``flow watch`` of the project (``--settle`` an hour, so it
+never builds by itself) while the same fresh ``flow build`` / ``flow status``
+processes are timed: they hand over to it (``app.handoff``), which is how a
+project kept fresh by a watcher answers.  Those rows are ``*_handoff``.
+
 ``--compare CHECKOUT`` times another checkout of flow (e.g. a git worktree of an
 older commit) in the same run, alternating the two run by run so that the
 machine's load drifts over both alike; each gets its own copy of the project's
@@ -110,6 +115,60 @@ def clone(root: Path, to: Path) -> Path:
     return to
 
 
+def handoff(root: Path, items: int, runs: int, full: float, rounds: int) -> dict:
+    """The same fresh processes, with a ``flow watch`` of the project to hand over to."""
+    from app.handoff import socket_path
+
+    log = open(root / "watch.log", "w")  # noqa: SIM115 - closed below
+    watch = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "-v",
+            "watch",
+            "--settle",
+            "3600",
+            "--interval",
+            "0.5",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    out: dict = {}
+    try:
+        sock = socket_path(str(root / "flow.toml"))
+        deadline = time.monotonic() + 600
+        while not sock.exists() or " computed in " not in (root / "watch.log").read_text():
+            if watch.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit((root / "watch.log").read_text()[-3000:])
+            time.sleep(0.5)
+        before = (root / "watch.log").read_text().count("handed over")
+        for what, args in (("noop", ("build", "index", "--target=all")), ("status", ("status",))):
+            out[f"{what}_handoff"] = summary([timed(REPO, root, *args) for _ in range(runs)])
+        add = max(1, items // 100)
+        inc = []
+        start = items + 1_000_000  # names no other round uses
+        for r in range(rounds):
+            _images(root / "images", start + r * add, add)
+            time.sleep(2.1)
+            inc.append(timed(REPO, root, "build", "index", "--target=all"))
+        if inc:
+            out["incremental_handoff"] = {
+                **summary(inc),
+                "share_of_full": round(statistics.median(inc) / full, 4),
+            }
+        handed = (root / "watch.log").read_text().count("handed over") - before
+        assert handed == 2 * runs + len(inc), f"only {handed} commands were handed over"
+    finally:
+        watch.terminate()
+        watch.wait(timeout=60)
+        log.close()
+    return out
+
+
 def summary(xs: list[float]) -> dict:
     return {"median": round(statistics.median(xs), 3), "runs": [round(x, 3) for x in xs]}
 
@@ -122,6 +181,7 @@ def main() -> None:
     ap.add_argument("--compare", type=Path, help="Another checkout of flow to time beside.")
     ap.add_argument("--incremental", action="store_true", help="Also time +1% builds.")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--watch", action="store_true", help="Also time handing over to flow watch.")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -161,6 +221,8 @@ def main() -> None:
             k: {**summary(v), "share_of_full": round(statistics.median(v) / full, 4)}
             for k, v in inc.items()
         }
+    if a.watch:
+        res.update(handoff(root, a.items, a.runs, full, a.rounds if a.incremental else 0))
     res["load"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(res, indent=1))
     if a.json:
