@@ -309,3 +309,26 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--add-golden"]:
         sys.exit(_add_golden())
     sys.exit("usage: python tests/flow/test_keys.py --add-golden")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(4096, dtype=np.float32),  # an item output: keyed by the array fast path
+        np.arange(300_000, dtype=np.float64),  # over 1 MiB: the hasher is fed twice
+        np.arange(12, dtype=">i4").reshape(3, 4),  # a byte swap first
+        np.arange(12, dtype=np.int16).reshape(3, 4)[:, ::2],  # not contiguous
+        np.zeros((0, 5), np.float32),
+        np.float32(2.5).reshape(()),
+        {"hist": np.arange(16, dtype=np.float32), "n": 4096},
+        {"big": np.zeros(200_000), "small": np.arange(3)},
+    ],
+)
+def test_key_hashes_the_canonical_bytes(value):
+    """However a value is fed to BLAKE3 (one call, or the array's buffer apart), its
+    key is the hash of the domain and its canonical bytes."""
+    from blake3 import blake3
+
+    from flow.keys import _DOMAIN
+
+    assert bytes(key(value)) == blake3(_DOMAIN + canonical_bytes(value)).digest(KEY_SIZE)

@@ -384,3 +384,32 @@ def test_progress_reports_reach_the_sink_set_for_the_block():
         progress(1, 3, loss=np.float32(0.5), stage="warm-up")
     progress(2, 3)
     assert got == [(1, 3, {"loss": 0.5, "stage": "warm-up"})]
+
+
+def test_a_module_level_node_pickles_by_its_name():
+    """A task carries its steps' nodes to the workers: a node its module holds under
+    its name travels as that name (small, and the same object comes back)."""
+    import pickle
+
+    import cloudpickle
+
+    from engine.testing import parsed
+
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        data = dumps(parsed)
+        assert len(data) < 200
+        assert pickle.loads(data) is parsed
+
+
+def test_a_local_node_still_pickles_by_value():
+    import pickle
+
+    import cloudpickle
+
+    @node(version=1)
+    def doubled(x: np.ndarray) -> np.ndarray:
+        return x * 2
+
+    back = pickle.loads(cloudpickle.dumps(doubled))
+    assert back is not doubled and back.name == doubled.name
+    assert back.fn(np.arange(3)).tolist() == [0, 2, 4]

@@ -554,7 +554,8 @@ def test_set_digests_match_items_key_for_any_ids():
 
     ck = [bytes(_keys_matrix(1, i)[0]) for i in range(5)]
     sp = StepPlan("u", "item", np.zeros(5, np.int8), ck, ck, [None] * 5)
-    for ids in (["a", "bb", "", "d/e.png", "f"], ["é", "b", "c", "\udcff", "x"]):
+    same_length = ["d0/f0.png", "d0/f1.png", "d1/f2.png", "d1/f3.png", "d2/f4.png"]
+    for ids in (["a", "bb", "", "d/e.png", "f"], ["é", "b", "c", "\udcff", "x"], same_length):
         for rows in ([0, 1, 2, 3, 4], [1, 3], []):
             got = _items_digest(ids, np.array(rows, np.int64), sp)
             assert got == items_key([ids[i] for i in rows], [ck[i] for i in rows])
