@@ -9,9 +9,15 @@ Paths are relative to the folder that holds ``flow.toml``.  The project
 turns its sources into the build's items:
 
 * every file under each source folder (recursively) that matches the
-  source's ``include`` patterns is one item; its id is its path relative to
-  the folder (prefixed with ``<source name>/`` when there are several
-  sources);
+  source's ``include`` patterns is one item, named by its path relative to
+  the folder (prefixed with ``<source name>/``); its id is a keyed hash of
+  that name, or the name itself where ``[ids] scheme = "path"`` (see
+  :mod:`app.ids`: no patient's name in a folder reaches the store);
+* a ``dicomweb = "http://..."`` source lists an archive's instances with
+  QIDO-RS and fetches new ones into a local content-addressed cache
+  (:mod:`app.dicomweb`); each instance is one item;
+* ``[receive]`` (``flow receive``, :mod:`app.receive`) adds its storage folder
+  as a source named ``received``;
 * an optional labels CSV gives each item its labels (multi-label, joined by
   ``labels_separator``) and its split, matched on the file's relative path,
   its file name, or a DICOM identifier (``join = "SOPInstanceUID"``);
@@ -36,7 +42,15 @@ from flow.errors import ConfigError
 from flow.keys import key
 from flow.plan import ItemTable
 
-__all__ = ["Project", "SourceFolder", "load_project", "project_text", "write_project"]
+__all__ = [
+    "DicomwebSource",
+    "Project",
+    "ReceiveConfig",
+    "SourceFolder",
+    "load_project",
+    "project_text",
+    "write_project",
+]
 
 FILENAME = "flow.toml"
 
@@ -55,6 +69,44 @@ class SourceFolder:
     labels_separator: str = "|"
     split_column: str = "split"
     default_split: str = ""
+
+
+@dataclass
+class DicomwebSource:
+    """An archive's DICOMweb service as a source (see :mod:`app.dicomweb`)."""
+
+    name: str
+    url: str
+    cache: Path  # the local content-addressed cache of fetched instances
+    state: Path  # the stored QIDO listing (the watermark)
+    username: str = ""
+    password_env: str = ""  # the password comes from this environment variable
+    token_env: str = ""  # a bearer token from this environment variable
+    ca_file: str = ""
+    timeout: float = 60.0
+    page: int = 1000  # QIDO-RS limit per request
+    default_split: str = ""
+
+
+@dataclass
+class ReceiveConfig:
+    """``[receive]``: the DICOM Storage SCP of ``flow receive`` (:mod:`app.receive`)."""
+
+    folder: Path
+    ae_title: str = "FLOW"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed: tuple[str, ...] = ()  # calling AE titles (empty: any)
+    settle: float = 2.0  # seconds without an instance before a study is built
+    default_split: str = ""
+
+    def source(self) -> SourceFolder:
+        return SourceFolder(
+            name="received",
+            path=self.folder,
+            include=("*.dcm",),
+            default_split=self.default_split,
+        )
 
 
 @dataclass
@@ -77,6 +129,10 @@ class Project:
     threads_below: int = 400  # local builds with less stale item work run in threads
     tls: dict = field(default_factory=dict)  # [build.tls]: ca_file, cert, key (absolute)
     cluster: dict = field(default_factory=dict)  # [cluster] table (Slurm etc.)
+    ids: dict = field(default_factory=dict)  # [ids]: scheme, salt_file (see app.ids)
+    dicomweb: list[DicomwebSource] = field(default_factory=list)
+    receive: ReceiveConfig | None = None
+    item_limits: tuple[float, int] = (30.0, 2 << 30)  # [build] item_timeout, item_memory
     raw: dict = field(default_factory=dict)
 
     def open_store(self):
@@ -86,34 +142,58 @@ class Project:
 
     # -- items -------------------------------------------------------------------
 
-    def items(self, store=None, *, scans: dict | None = None) -> tuple[ItemTable, Any, dict]:
+    def items(
+        self, store=None, *, scans: dict | None = None, log: Any = None
+    ) -> tuple[ItemTable, Any, dict]:
         """Scan the sources: the item table, where workers find each file, and
-        per-item metadata (``labels``, ``paths``) for queries and reports.
+        per-item metadata (``labels``, ``paths``, ``names``) for queries and reports.
 
         ``scans``: a source's ``scan()`` taken moments ago (by ``flow watch``), by
-        source path, used instead of scanning it again."""
+        source path, used instead of scanning it again.  ``log``: progress lines
+        (a DICOMweb source's listing and downloads)."""
         with paused_gc():  # per-item lists of a whole archive (see paused_gc)
-            return self._items(store, scans or {})
+            return self._items(store, scans or {}, log)
+
+    def folder_sources(self) -> list[SourceFolder]:
+        """The folders to scan: ``[[sources]]`` and the ``[receive]`` folder."""
+        out = list(self.sources)
+        if self.receive is not None:
+            real = os.path.realpath(self.receive.folder)
+            if not any(os.path.realpath(s.path) == real for s in out):
+                out.append(self.receive.source())
+        return out
 
     def scan(self, src: SourceFolder) -> tuple[list[str], list]:
         """The files of one source: (relative paths, their stats)."""
+        if self.receive is not None and src.path == self.receive.folder:
+            src.path.mkdir(parents=True, exist_ok=True)
         try:
             return scan_folder(src.path, src.include, src.exclude, src.extensionless)
         except FileNotFoundError as e:
             raise ConfigError(f"{self._where('sources')}: {e}") from None
 
-    def _items(self, store, scans: dict) -> tuple[ItemTable, Any, dict]:
+    def id_scheme(self, store) -> Any:
+        """How item names become ids over ``store`` (see :mod:`app.ids`)."""
+        from app.ids import resolve_scheme
+
+        return resolve_scheme(self, store)
+
+    def _items(self, store, scans: dict, log: Any) -> tuple[ItemTable, Any, dict]:
         from engine.builder import SourceRefs
 
-        ids: list[str] = []
+        names: list[str] = []
         paths: list[str] = []
         keys: list[bytes | None] = []
         errors: dict[int, str] = {}
         labels: list[tuple[str, ...]] = []
         splits: list[str] = []
         hashed = 0
-        multi = len(self.sources) > 1
-        for src in self.sources:
+        folders = self.folder_sources()
+        multi = len(folders) + len(self.dicomweb) > 1
+        scheme = self.id_scheme(store)
+        # path ids keep their old form (no source prefix for a single source)
+        prefixed = multi or scheme.scheme != "path"
+        for src in folders:
             rels, stats = scans[src.path] if src.path in scans else self.scan(src)
             cache = StatCache(store, str(src.path)) if store is not None else None
             ks, errs, n = file_keys(str(src.path), rels, stats, cache)
@@ -121,20 +201,31 @@ class Project:
             if cache is not None:
                 cache.save()
             table = _read_labels(src, rels) if src.labels else {}
-            base = len(ids)
+            base = len(names)
             real = os.path.realpath(src.path)
             for i, rel in enumerate(rels):
-                ids.append(f"{src.name}/{rel}" if multi else rel)
+                names.append(f"{src.name}/{rel}" if prefixed else rel)
                 paths.append(f"{real}/{rel}")
                 lab, split = table.get(i, ((), src.default_split))
                 labels.append(lab)
                 splits.append(split)
             keys.extend(ks)
             errors.update({base + i: r for i, r in errs.items()})
+        for web in self.dicomweb:
+            from app.dicomweb import sync
+
+            listing = sync(web, log=log)
+            names.extend(f"{web.name}/{u}" for u in listing.names)
+            paths.extend(listing.paths)
+            keys.extend(listing.keys)
+            labels.extend([()] * len(listing.names))
+            splits.extend([web.default_split] * len(listing.names))
+        ids = scheme.ids(names)
         order = sorted(range(len(ids)), key=ids.__getitem__)
         if len(set(ids)) != len(ids):
             raise ConfigError(f"{self._where('sources')}: two sources give the same item ids")
         ids = [ids[i] for i in order]
+        names = [names[i] for i in order]
         paths = [paths[i] for i in order]
         keys = [keys[i] for i in order]
         labels = [labels[i] for i in order]
@@ -155,7 +246,17 @@ class Project:
                 "labels": [ValueRef(tuple(lab)) for lab in labels],
             }
         )
-        meta = {"labels": labels, "paths": paths, "hashed": hashed}
+        if scheme.scheme != "path" and store is not None:
+            from app.ids import IdMap
+
+            IdMap.of(self).save(ids, paths)
+        meta = {
+            "labels": labels,
+            "paths": paths,
+            "names": names,
+            "hashed": hashed,
+            "scheme": scheme,
+        }
         return items, refs, meta
 
     def _where(self, k: str) -> str:
@@ -226,7 +327,32 @@ def _read_labels(src: SourceFolder, rels: list[str]) -> dict[int, tuple[tuple[st
 # loading
 
 
-_TOP = {"store", "build", "sources", "train", "database", "eval", "targets", "nodes", "cluster"}
+_TOP = {
+    "store",
+    "build",
+    "sources",
+    "train",
+    "database",
+    "eval",
+    "targets",
+    "nodes",
+    "cluster",
+    "ids",
+    "receive",
+}
+_DICOMWEB_KEYS = {
+    "name",
+    "dicomweb",
+    "cache",
+    "username",
+    "password_env",
+    "token_env",
+    "ca_file",
+    "timeout",
+    "page",
+    "default_split",
+}
+_RECEIVE_KEYS = {"folder", "ae_title", "host", "port", "allowed", "settle", "default_split"}
 _SOURCE_KEYS = {
     "name",
     "path",
@@ -329,7 +455,17 @@ def project_from_dict(
         url = str(rel(url))
     build = raw.get("build", {})
     _check_keys(
-        f"{where}: [build]", build, {"scheduler", "workers", "batch_size", "threads_below", "tls"}
+        f"{where}: [build]",
+        build,
+        {
+            "scheduler",
+            "workers",
+            "batch_size",
+            "threads_below",
+            "tls",
+            "item_timeout",
+            "item_memory",
+        },
     )
     tls = build.get("tls", {})
     if not isinstance(tls, dict):
@@ -343,13 +479,20 @@ def project_from_dict(
     raw_sources = raw.get("sources", [])
     if isinstance(raw_sources, dict):
         raw_sources = [raw_sources]
+    dicomweb: list[DicomwebSource] = []
     for n, s in enumerate(raw_sources):
         w = f"{where}: [[sources]] #{n + 1}"
+        default_name = f"source{n + 1}" if len(raw_sources) > 1 else "images"
+        if "dicomweb" in s:
+            dicomweb.append(_dicomweb_source(w, s, default_name, root, rel))
+            continue
         _check_keys(w, s, _SOURCE_KEYS)
         if "path" not in s:
-            raise ConfigError(f"{w}: 'path' (a folder of images) is required")
+            raise ConfigError(
+                f"{w}: 'path' (a folder of images) or 'dicomweb' (an archive's URL) is required"
+            )
         src = SourceFolder(
-            name=s.get("name", f"source{n + 1}" if len(raw_sources) > 1 else "images"),
+            name=s.get("name", default_name),
             path=rel(s["path"]),
             include=_str_tuple(f"{w} include", s.get("include", list(DEFAULT_INCLUDE))),
             exclude=_str_tuple(f"{w} exclude", s.get("exclude", [])),
@@ -363,8 +506,32 @@ def project_from_dict(
             default_split=s.get("default_split", ""),
         )
         sources.append(src)
-    if not sources:
-        raise ConfigError(f"{where}: no [[sources]]: name at least one folder of images")
+    receive = _receive(where, raw.get("receive"), rel) if "receive" in raw else None
+    names = [s.name for s in sources] + [d.name for d in dicomweb]
+    if receive is not None:
+        names.append("received")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: [[sources]] names must differ ({', '.join(dup)} repeated)")
+    if not sources and not dicomweb and receive is None:
+        raise ConfigError(
+            f"{where}: no [[sources]]: name at least one folder of images "
+            "(or a DICOMweb archive, or a [receive] table)"
+        )
+    ids = raw.get("ids", {})
+    if not isinstance(ids, dict):
+        raise ConfigError(f"{where}: [ids] must be a table (scheme, salt_file)")
+    _check_keys(f"{where}: [ids]", ids, {"scheme", "salt_file"})
+    from app.ids import SCHEMES
+
+    if "scheme" in ids and ids["scheme"] not in SCHEMES:
+        raise ConfigError(
+            f"{where}: [ids] scheme = {ids['scheme']!r}: use one of {', '.join(SCHEMES)}"
+        )
+    ids = dict(ids)
+    if "salt_file" in ids:
+        ids["salt_file"] = str(rel(str(ids["salt_file"])))
+    limits = _item_limits(where, build)
     train = raw.get("train", {})
     _check_keys(f"{where}: [train]", train, {"splits"})
     database = raw.get("database", {})
@@ -410,5 +577,106 @@ def project_from_dict(
         threads_below=threads_below,
         tls=tls,
         cluster=raw.get("cluster", {}),
+        ids=ids,
+        dicomweb=dicomweb,
+        receive=receive,
+        item_limits=limits,
         raw=raw,
     )
+
+
+def _dicomweb_source(w: str, s: dict, default_name: str, root: Path, rel) -> DicomwebSource:
+    _check_keys(w, s, _DICOMWEB_KEYS)
+    url = s["dicomweb"]
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{w}: dicomweb = {url!r}: expected an http:// or https:// URL")
+    name = s.get("name", default_name)
+    for k in ("username", "password_env", "token_env", "ca_file", "default_split", "name"):
+        if k in s and not isinstance(s[k], str):
+            raise ConfigError(f"{w}: {k} must be a string")
+    if s.get("password_env") and not s.get("username"):
+        raise ConfigError(f"{w}: password_env needs a username")
+    if s.get("password_env") and s.get("token_env"):
+        raise ConfigError(f"{w}: give password_env (basic auth) or token_env (bearer), not both")
+    ca = s.get("ca_file", "")
+    if ca and not rel(ca).is_file():
+        raise ConfigError(f"{w}: ca_file = {ca!r} is not a file")
+    page = s.get("page", 1000)
+    if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+        raise ConfigError(f"{w}: page must be a positive integer (QIDO-RS results per request)")
+    timeout = s.get("timeout", 60.0)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{w}: timeout must be a positive number of seconds")
+    cache = rel(s["cache"]) if s.get("cache") else root / ".flow" / "dicomweb" / name
+    return DicomwebSource(
+        name=name,
+        url=url.rstrip("/"),
+        cache=cache,
+        state=cache / "listing.json",
+        username=s.get("username", ""),
+        password_env=s.get("password_env", ""),
+        token_env=s.get("token_env", ""),
+        ca_file=str(rel(ca)) if ca else "",
+        timeout=float(timeout),
+        page=page,
+        default_split=s.get("default_split", ""),
+    )
+
+
+def _receive(where: str, t: Any, rel) -> ReceiveConfig:
+    w = f"{where}: [receive]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{w} must be a table")
+    _check_keys(w, t, _RECEIVE_KEYS)
+    if "folder" not in t:
+        raise ConfigError(f"{w}: 'folder' (where received instances are stored) is required")
+    ae = t.get("ae_title", "FLOW")
+    if not isinstance(ae, str) or not 0 < len(ae.strip()) <= 16 or "\\" in ae:
+        raise ConfigError(f"{w}: ae_title = {ae!r}: 1 to 16 characters, no backslash")
+    port = t.get("port", 11112)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
+        raise ConfigError(f"{w}: port = {port!r}: a TCP port (0 picks a free one)")
+    settle = t.get("settle", 2.0)
+    if not isinstance(settle, int | float) or settle < 0:
+        raise ConfigError(f"{w}: settle must be a number of seconds >= 0")
+    allowed = _str_tuple(f"{w} allowed", t.get("allowed", []))
+    return ReceiveConfig(
+        folder=rel(str(t["folder"])),
+        ae_title=ae.strip(),
+        host=str(t.get("host", "0.0.0.0")),
+        port=port,
+        allowed=tuple(a.strip() for a in allowed),
+        settle=float(settle),
+        default_split=str(t.get("default_split", "")),
+    )
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """``"2 GiB"``, ``"512M"``, ``1073741824`` -> bytes (binary units)."""
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. '2 GiB', '512 MiB')")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _item_limits(where: str, build: dict) -> tuple[float, int]:
+    """``[build] item_timeout`` (seconds; 0: none) and ``item_memory`` (0: none)."""
+    t = build.get("item_timeout", 30)
+    if not isinstance(t, int | float) or isinstance(t, bool) or t < 0:
+        raise ConfigError(f"{where}: [build] item_timeout must be seconds >= 0 (0: no limit)")
+    try:
+        m = parse_size(build.get("item_memory", "2 GiB"))
+    except ValueError as e:
+        raise ConfigError(f"{where}: [build] item_memory: {e}") from None
+    if m and m < (64 << 20):
+        raise ConfigError(f"{where}: [build] item_memory must be at least 64 MiB (or 0: none)")
+    return float(t), m

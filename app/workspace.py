@@ -47,6 +47,7 @@ class Workspace:
         self._graph: tuple[Graph, dict] | None = None
         self._items: tuple | None = None
         self._scans = scans  # sources scanned already (Project.items)
+        self._log: Any = None  # progress lines of source listings (DICOMweb)
 
     @classmethod
     def open(
@@ -163,7 +164,7 @@ class Workspace:
         out, so no index holds them and no fit trains on them again.
         """
         if self._items is None or refresh:
-            items, sources, meta = self.project.items(self.store, scans=self._scans)
+            items, sources, meta = self.project.items(self.store, scans=self._scans, log=self._log)
             self._scans = None  # a refresh scans again
             gone = self.forgotten()
             if gone["ids"] or gone["keys"]:
@@ -184,6 +185,19 @@ class Workspace:
                     sources.one[name] = ObjectRef(node, bytes.fromhex(rk))
             self._items = (items, sources, meta)
         return self._items
+
+    def shown(self, item_id: str) -> str:
+        """What the user knows an item by: its source file (the id where unknown)."""
+        import os
+
+        meta = self.items()[2]
+        if "_shown" not in meta:
+            meta["_shown"] = dict(zip(self.items()[0].ids, meta["paths"]))
+        p = meta["_shown"].get(item_id)
+        if p is None:
+            return item_id
+        root = str(self.project.root)
+        return os.path.relpath(p, root) if p.startswith(root + os.sep) else p
 
     def _add_file_source(self, items, sources, name: str, path: str | None) -> None:
         from flow.keys import file_key
@@ -262,6 +276,11 @@ class Workspace:
         from store.catalog import refresh_catalog
 
         names = self._names(targets)
+        from app.ids import record_scheme
+
+        if log is not None:
+            self._log = log
+        record_scheme(self.store, self.items()[2]["scheme"])
         own = executor is None
         if own:
 
@@ -310,8 +329,10 @@ class Workspace:
 
     def _run(self, g: Graph, executor: Any, **kw: Any) -> Any:
         from engine.builder import build as run_build
+        from engine.sandbox import Limits
 
         items, sources, _ = self.items()
+        limits = Limits(*self.project.item_limits)
         return run_build(
             g,
             items,
@@ -320,6 +341,7 @@ class Workspace:
             executor,
             batch_size=self.project.batch_size,
             storage_options=self.project.storage_options,
+            limits=limits if limits.active else None,
             **kw,
         )
 
@@ -528,7 +550,11 @@ def _without(items: Any, sources: Any, meta: dict, ids: set[str], keys: set[byte
         },
     )
     src = SourceRefs({k: [v[i] for i in keep] for k, v in sources.refs.items()}, sources.one)
-    m = {k: ([v[i] for i in keep] if isinstance(v, list) else v) for k, v in meta.items()}
+    m = {
+        k: ([v[i] for i in keep] if isinstance(v, list) else v)
+        for k, v in meta.items()
+        if k != "_shown"
+    }
     m["forgotten"] = len(items.ids) - len(keep)
     return out, src, m
 

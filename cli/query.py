@@ -38,19 +38,23 @@ def query(ctx, image, target, k, search_k, as_json, montage):
     store = _store(ctx)
     retr = Retriever.open(store, target)
     hits = retr.query(image, k=k, search_k=search_k)
+    files = _files(ctx, [h.id for h in hits])
     if as_json:
         import json
 
-        click.echo(
-            json.dumps(
-                {"query": image, "target": target, "results": [h.to_json() for h in hits]}, indent=2
-            )
-        )
+        results = [h.to_json() for h in hits]
+        for r in results:
+            if r["id"] in files:
+                r["file"] = files[r["id"]]
+        click.echo(json.dumps({"query": image, "target": target, "results": results}, indent=2))
     else:
         click.echo(
             table(
                 ["rank", "distance", "item", "labels"],
-                [[h.rank, round(h.distance, 4), h.id, "|".join(h.labels)] for h in hits],
+                [
+                    [h.rank, round(h.distance, 4), files.get(h.id, h.id), "|".join(h.labels)]
+                    for h in hits
+                ],
                 right={0, 1},
             )
         )
@@ -71,6 +75,23 @@ def _store(ctx):
     from app.project import load_project
 
     return load_project(ctx.project_path, store=ctx.store_url).open_store()
+
+
+def _files(ctx, ids: list[str]) -> dict[str, str]:
+    """Item id -> its file (relative to the project where inside it), from the
+    project's id map (:class:`app.ids.IdMap`, kept by builds): keyed ids name no
+    path, and a query must not scan the sources."""
+    if not ctx.project_path and ctx.store_url:
+        return {}
+    try:
+        from app.ids import IdMap
+        from app.project import load_project
+
+        project = load_project(ctx.project_path, store=ctx.store_url)
+    except Exception:
+        return {}
+    idmap = IdMap.of(project)
+    return {i: p for i in ids if (p := idmap.get(i)) is not None}
 
 
 def _paths(ctx) -> dict[str, str]:

@@ -184,11 +184,14 @@ class Builder:
         log: Callable[[str], None] | None = None,
         known: Mapping[str, Any] | None = None,
         catalogs: dict | None = None,
+        limits: Any = None,
     ):
         """``known``: step plans still current (see :func:`flow.plan.plan`), used
         until this build runs something for them; ``catalogs``: item catalogs
         loaded (and kept current) by an earlier build of this process, by node
-        name -- the ones missing are loaded and added to it."""
+        name -- the ones missing are loaded and added to it; ``limits``
+        (:class:`engine.sandbox.Limits`): per-item time and memory limits of the
+        steps that read source files (None: none)."""
         from store.catalog import ObjectCatalog, load_catalog
 
         self.graph, self.items, self.sources = graph, items, sources
@@ -197,6 +200,7 @@ class Builder:
         self.progress = Progress(progress)
         self.batch_override = batch_size
         self.log = log or (lambda msg: None)
+        self.limits = limits
         self.ctx = TaskContext.of(store.url, storage_options)
         nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
         nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
@@ -250,9 +254,16 @@ class Builder:
                         ext_names.append(inp.step)
                     wires.append(ExtWire(ext_names.index(inp.step)))
             assert st.node is not None
+            reads_files = any(self.graph[i.step].source == "files" for i in st.inputs)
             steps.append(
                 ChainStep(
-                    name, st.node, asdict(st.params), bytes(st.prefix), tuple(wires), _recipe(st)
+                    name,
+                    st.node,
+                    asdict(st.params),
+                    bytes(st.prefix),
+                    tuple(wires),
+                    _recipe(st),
+                    self.limits if reads_files else None,
                 )
             )
         ones: list[Keyed] = []

@@ -87,6 +87,8 @@ class ChainStep:
     prefix: bytes
     wires: tuple[Wire, ...]  # one per node input
     recipe: Any  # store.packs.Recipe
+    # per-item time and memory limits (engine.sandbox): steps that read source files
+    limits: Any = None
 
 
 @dataclass
@@ -234,13 +236,25 @@ def _error(exc: BaseException) -> dict:
     }
 
 
-def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared: tuple = ()):
+def _call_items(
+    node: Node,
+    params: dict,
+    args_per_item: list[list[Any]],
+    shared: tuple = (),
+    limits: Any = None,
+):
     """Call an item node over items; yields (value | None, error | None, seconds).
 
     ``shared[j]`` says argument ``j`` is one value for every item (a set
-    step's output): a batched node gets it as is, not as a list.
+    step's output): a batched node gets it as is, not as a list.  ``limits``
+    (:class:`engine.sandbox.Limits`): each item runs contained, in a child
+    process with those time and memory limits.
     """
     from store.packs import canonical_output
+
+    if limits is not None and limits.active:
+        yield from _call_contained(node, params, args_per_item, shared, limits)
+        return
 
     def finish(raw: Any) -> Any:
         return canonical_output(raw, node=node.name, allow_blobs=False)
@@ -285,6 +299,18 @@ def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared
             yield v, None, time.perf_counter() - t0
         except Exception as e:
             yield None, _error(e), time.perf_counter() - t0
+
+
+def _call_contained(node: Node, params: dict, args_per_item, shared: tuple, limits: Any):
+    """One item at a time in this thread's sandbox (see :mod:`engine.sandbox`)."""
+    from engine.sandbox import borrowed
+
+    with borrowed(limits) as box:
+        for args in args_per_item:
+            one = [a if j in shared else [a] for j, a in enumerate(args)] if node.batched else args
+            t0 = time.perf_counter()
+            v, err = box.call(node, params, list(one), node.batched)
+            yield v, err, time.perf_counter() - t0
 
 
 def run_chain(
@@ -389,7 +415,7 @@ def run_chain(
         run = [i for i in todo if i not in bad]
         results: list[ItemResult] = []
         shared = tuple(j for j, w in enumerate(st.wires) if isinstance(w, OneWire))
-        calls = _call_items(st.node, st.params, [args[i] for i in run], shared)
+        calls = _call_items(st.node, st.params, [args[i] for i in run], shared, st.limits)
         for i, (v, err, dt) in zip(run, calls):
             rk = item_key(st.prefix, in_keys[i])
             if err is None:

@@ -125,7 +125,7 @@ def test_query_every_target(project):
         assert all(r["labels"] for r in res)
         if target == "bovw":
             # the probe is in the database: by cosine it finds itself first, at distance ~0
-            assert res[0]["id"] == str(probe.relative_to(project)), (target, res[0])
+            assert res[0]["file"] == str(probe.relative_to(project)), (target, res[0])
             assert res[0]["distance"] < 1e-5
             own = set(res[0]["labels"])
         else:
@@ -199,11 +199,11 @@ def test_a_copied_file_computes_nothing_but_is_indexed(project):
     assert all(v["computed"] == 0 for k, v in doc["steps"].items() if "." not in k), doc["steps"]
     assert [s["count"] for s in doc["refs"]["cnn"]] == [52, 5, 1]  # one more segment
     res = run_json(project, "query", str(src), "-t", "bovw", "-k", "2")["results"]
-    assert {r["id"] for r in res} == {str(src.relative_to(project)), "copies/same.dcm"}
+    assert {r["file"] for r in res} == {str(src.relative_to(project)), "copies/same.dcm"}
     assert res[1]["distance"] == pytest.approx(0.0, abs=1e-6)
     # cnn (findings vectors, inner product): the copy's vector is the original's
     res = run_json(project, "query", str(src), "-t", "cnn", "-k", "58")["results"]
-    dist = {r["id"]: r["distance"] for r in res}
+    dist = {r["file"]: r["distance"] for r in res}
     assert len(res) == 58 and dist["copies/same.dcm"] == dist[str(src.relative_to(project))]
 
 
@@ -220,7 +220,7 @@ def test_broken_files_are_reported_and_the_build_finishes(project):
     assert hist[0]["seq"] == 3
     doc = run_json(project, "build", code=1)
     assert all(s["computed"] == 0 for s in doc["steps"].values())  # not retried
-    assert {f["id"].split("/")[-1] for f in doc["failures"]} >= {"truncated.dcm", "empty.png"}
+    assert {f["file"].split("/")[-1] for f in doc["failures"]} >= {"truncated.dcm", "empty.png"}
     for p in bad:
         p.unlink()
 
@@ -232,7 +232,7 @@ def test_forget_withdraws_from_every_index_and_gc_purges(project):
     assert "withdrew 1 item" in out
     for t in ("cnn", "bovw", "codes"):
         res = run_json(project, "query", str(victim), "-t", t, "-k", "60")["results"]
-        assert rel not in {r["id"] for r in res}
+        assert rel not in {r["file"] for r in res}
     run(project, "gc", "--grace", "0", "--delete")
     data = b"".join(p.read_bytes() for p in (project / "store").rglob("*") if p.is_file())
     assert rel.encode() not in data
