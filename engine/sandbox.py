@@ -168,6 +168,17 @@ class Sandbox:
             self._send.send(msg)
         except (BrokenPipeError, OSError):
             return None, self._died()
+        # the child says when the item starts: its own start and the node's import
+        # (seconds, the first time) do not count against the item's time
+        try:
+            if not self._recv.poll(_START_TIMEOUT):
+                self.close()
+                return None, _failure("ItemCrash", "the process reading it did not start")
+            ans: Answer = self._recv.recv()
+        except (EOFError, OSError):
+            return None, self._died()
+        if not (isinstance(ans.value, str) and ans.value == _STARTED):
+            return ans.value, ans.error  # the node could not be loaded
         timeout = self.limits.seconds or None
         try:
             ready = self._recv.poll(timeout)
@@ -177,7 +188,7 @@ class Sandbox:
             self.close()
             return None, _failure("ItemTimeout", f"timed out after {self.limits.seconds:g} s")
         try:
-            ans: Answer = self._recv.recv()
+            ans = self._recv.recv()
         except (EOFError, OSError):
             return None, self._died()
         if ans.fatal:
@@ -229,6 +240,8 @@ def _node_ref(node: Any) -> tuple[str, bytes]:
     return ref
 
 
+_STARTED = "flow-sandbox: item started"
+_START_TIMEOUT = 300.0  # seconds for a child to start and import a node
 _REFS: dict[int, tuple[Any, tuple[str, bytes]]] = {}
 _LIVE: set[Sandbox] = set()
 _IDLE: list[Sandbox] = []
@@ -319,7 +332,7 @@ def _serve(rfd: int, wfd: int) -> None:
             msg: Call = recv.recv()
         except (EOFError, OSError):
             return
-        ans = _run(msg, nodes)
+        ans = _run(msg, nodes, send)
         try:
             send.send(ans)
         except MemoryError:
@@ -334,7 +347,7 @@ def _memory_error(memory: int) -> dict:
     return _failure("ItemMemory", f"exceeded {format_size(memory)}")
 
 
-def _run(msg: Call, nodes: dict) -> Answer:
+def _run(msg: Call, nodes: dict, send: Any) -> Answer:
     from engine.worker import _error
     from store.packs import canonical_output
 
@@ -350,6 +363,7 @@ def _run(msg: Call, nodes: dict) -> Answer:
                 node = pickle.loads(msg.pickled)
     except Exception as e:
         return Answer(None, _error(e))
+    send.send(Answer(_STARTED, None))
     limited = _limit_memory(msg.memory) if msg.memory else False
     try:
         out = node.fn(*msg.args, **msg.params)
