@@ -6,7 +6,7 @@
 * :func:`send` sends files with dcmtk's ``storescu`` exactly as they are (no
   transcoding): it writes a storescu configuration with one presentation context
   per (SOP class, transfer syntax) the files have, and proposes only those
-  (``-R``), so compressed files travel compressed;
+  (a configuration profile), so compressed files travel compressed;
 * :class:`Orthanc` starts Debian's ``Orthanc`` with the ``orthanc-dicomweb``
   plugin on loopback ports, with a throw-away configuration and storage under a
   temporary folder, HTTP basic auth on, and stops it after.
@@ -150,7 +150,7 @@ def send(
     with tempfile.TemporaryDirectory(prefix="storescu-") as tmp:
         cfg = Path(tmp) / "storescu.cfg"
         _storescu_config(files, cfg)
-        args = [exe, "-aet", calling, "-aec", called, "-xf", str(cfg), "Corpus", "-R", "-nh"]
+        args = [exe, "-aet", calling, "-aec", called, "-xf", str(cfg), "Corpus", "-nh", "-v"]
         args += [host, str(port)]
         # many files: storescu reads their names from the command line
         res = subprocess.run(
