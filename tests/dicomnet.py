@@ -26,12 +26,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-__all__ = ["Orthanc", "corpus", "dcmtk", "free_port", "need", "send"]
+__all__ = ["Orthanc", "acknowledged", "corpus", "dcmtk", "free_port", "need", "send"]
 
 ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 
@@ -95,7 +96,9 @@ def corpus(*roots: Path) -> list[tuple[Path, str, str]]:
             if not p.is_file():
                 continue
             try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(p, stop_before_pixels=True)
                 sop = str(ds.file_meta.MediaStorageSOPClassUID or ds.SOPClassUID)
                 ts = str(ds.file_meta.TransferSyntaxUID)
                 _ = str(ds.SOPInstanceUID)
@@ -162,6 +165,19 @@ def send(
     if check and res.returncode != 0:
         raise AssertionError(f"storescu exited {res.returncode}:\n{res.stderr[-3000:]}")
     return res
+
+
+def acknowledged(res: subprocess.CompletedProcess) -> set[Path]:
+    """The files a :func:`send` got a success (or warning) status for."""
+    out, current = set(), None
+    for line in (res.stdout + res.stderr).splitlines():
+        if line.startswith("I: Sending file: "):
+            current = Path(line[len("I: Sending file: ") :].strip())
+        elif line.startswith("I: Received Store Response") and current is not None:
+            if "(Success" in line or "(Warning" in line:
+                out.add(current)
+            current = None
+    return out
 
 
 class Orthanc:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -22,7 +23,7 @@ import pytest
 from app.project import load_project
 from app.receive import Receiver
 from tests.conftest import REPO, project_config, shared_data, write_project
-from tests.dicomnet import corpus, dcmtk, free_port, need, pydicom_data_roots, send
+from tests.dicomnet import acknowledged, corpus, dcmtk, free_port, need, pydicom_data_roots, send
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-c", "from cli.main import main; main()"]
@@ -46,8 +47,13 @@ def _project(root: Path, port: int, **receive) -> Path:
         sources=[],
         targets=BOVW,
         build={"scheduler": "threads"},
-        receive={"folder": "incoming", "port": port, "settle": 1.0, "default_split": "train",
-                 **receive},  # fmt: skip
+        receive={
+            "folder": "incoming",
+            "port": port,
+            "settle": 1.0,
+            "default_split": "train",
+            **receive,
+        },
     )
     del cfg["sources"]
     write_project(root, cfg)
@@ -55,12 +61,19 @@ def _project(root: Path, port: int, **receive) -> Path:
 
 
 def _image_studies(files) -> dict[str, set[str]]:
-    """StudyInstanceUID -> SOP Instance UIDs of the files with pixel data."""
+    """Study folder -> instance names the receiver gives the files with pixel data
+    (UIDs where valid; a file without a usable SOP Instance UID is named by content)."""
+    from app.receive import _safe_uid
+
     out: dict[str, set[str]] = {}
     for p, _, _ in files:
-        ds = pydicom.dcmread(p, stop_before_pixels=False, defer_size=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(p, stop_before_pixels=False, defer_size=64)
         if any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            out.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.SOPInstanceUID))
+            study = _safe_uid(ds.get("StudyInstanceUID")) or "unknown-study"
+            sop = _safe_uid(ds.get("SOPInstanceUID")) or f"file:{p}"
+            out.setdefault(study, set()).add(sop)
     return out
 
 
@@ -109,14 +122,16 @@ def _query_files(root: Path, image: Path, k: int = 500) -> set[str]:
 def test_the_corpus_sent_by_storescu_is_stored_built_and_searchable(receiver):
     root, port, log, proc = receiver
     files = corpus(shared_data("dicom")) + corpus(*pydicom_data_roots())
-    # one association per source (a storescu association holds 128 contexts at most)
-    for part in (corpus(shared_data("dicom")), corpus(*pydicom_data_roots())):
-        for lo in range(0, len(part), 60):
-            send(part[lo : lo + 60], port, check=False)
-    studies = _image_studies(files)
+    acked: set[Path] = set()
+    for lo in range(0, len(files), 60):  # an association holds 128 contexts at most
+        acked |= acknowledged(send(files[lo : lo + 60], port, check=False))
+    assert len(acked) > 0.9 * len(files), (len(acked), len(files))  # storescu refuses a few
+    studies = _image_studies([f for f in files if f[0] in acked])
     n = sum(len(s) for s in studies.values())
     stored = lambda: sorted((root / "incoming").glob("*/*.dcm"))  # noqa: E731
-    _wait(lambda: len(stored()) == n, 120, f"{n} image instances stored", log)
+    # storescu returned: every instance was acknowledged, so it is on disk (same
+    # SOP Instance UID in several encodings: one file, replaced by each re-send)
+    assert len(stored()) == n, (len(stored()), n)
     # every study settled, was built, and logged its time to searchable
     _wait(lambda: log.read_text().count("searchable") >= len(studies), 600, "all built", log)
     text = log.read_text()
@@ -132,7 +147,7 @@ def test_the_corpus_sent_by_storescu_is_stored_built_and_searchable(receiver):
     for study, sops in list(studies.items())[:20]:
         assert study.encode() not in data
         for sop in sops:
-            assert sop.encode() not in data
+            assert sop.encode() not in data, sop
 
 
 def test_resends_are_no_ops_and_changed_tags_cut_off_after_decode(tmp_path):
