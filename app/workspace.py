@@ -47,7 +47,7 @@ class Workspace:
         self._graph: tuple[Graph, dict] | None = None
         self._items: tuple | None = None
         self._scans = scans  # sources scanned already (Project.items)
-        self._log: Any = None  # progress lines of source listings (DICOMweb)
+        self.source_log: Any = None  # progress lines of source listings (DICOMweb)
 
     @classmethod
     def open(
@@ -164,7 +164,9 @@ class Workspace:
         out, so no index holds them and no fit trains on them again.
         """
         if self._items is None or refresh:
-            items, sources, meta = self.project.items(self.store, scans=self._scans, log=self._log)
+            items, sources, meta = self.project.items(
+                self.store, scans=self._scans, log=self.source_log
+            )
             self._scans = None  # a refresh scans again
             gone = self.forgotten()
             if gone["ids"] or gone["keys"]:
@@ -278,8 +280,8 @@ class Workspace:
         names = self._names(targets)
         from app.ids import record_scheme
 
-        if log is not None:
-            self._log = log
+        if log is not None and self.source_log is None:
+            self.source_log = log
         record_scheme(self.store, self.items()[2]["scheme"])
         own = executor is None
         if own:
