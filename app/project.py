@@ -182,6 +182,7 @@ class Project:
         from engine.builder import SourceRefs
 
         names: list[str] = []
+        ids: list[str] = []
         paths: list[str] = []
         keys: list[bytes | None] = []
         errors: dict[int, str] = {}
@@ -196,15 +197,19 @@ class Project:
         for src in folders:
             rels, stats = scans[src.path] if src.path in scans else self.scan(src)
             cache = StatCache(store, str(src.path)) if store is not None else None
-            ks, errs, n = file_keys(str(src.path), rels, stats, cache)
+            mine = [f"{src.name}/{rel}" if prefixed else rel for rel in rels]
+            # keyed: the stat cache (in the store) records ids, not paths
+            masked = scheme.ids(mine) if scheme.scheme != "path" else None
+            ks, errs, n = file_keys(str(src.path), rels, stats, cache, names=masked)
             hashed += n
             if cache is not None:
                 cache.save()
             table = _read_labels(src, rels) if src.labels else {}
             base = len(names)
             real = os.path.realpath(src.path)
+            names.extend(mine)
+            ids.extend(masked if masked is not None else mine)
             for i, rel in enumerate(rels):
-                names.append(f"{src.name}/{rel}" if prefixed else rel)
                 paths.append(f"{real}/{rel}")
                 lab, split = table.get(i, ((), src.default_split))
                 labels.append(lab)
@@ -215,12 +220,13 @@ class Project:
             from app.dicomweb import sync
 
             listing = sync(web, log=log)
-            names.extend(f"{web.name}/{u}" for u in listing.names)
+            mine = [f"{web.name}/{u}" for u in listing.names]
+            names.extend(mine)
+            ids.extend(scheme.ids(mine))
             paths.extend(listing.paths)
             keys.extend(listing.keys)
             labels.extend([()] * len(listing.names))
             splits.extend([web.default_split] * len(listing.names))
-        ids = scheme.ids(names)
         order = sorted(range(len(ids)), key=ids.__getitem__)
         if len(set(ids)) != len(ids):
             raise ConfigError(f"{self._where('sources')}: two sources give the same item ids")
