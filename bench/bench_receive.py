@@ -1,0 +1,382 @@
+"""Studies arriving over DICOM and DICOMweb (issue 13).  Three benchmarks:
+
+``python bench/bench_receive.py searchable [--items 10000] [--studies 120]``
+    A project indexing ``--items`` synthetic 64x64 images (bench_incremental's
+    catalog and fixed CNN) is built; then ``flow receive`` runs as a subprocess
+    (the real command, settle 2 s) and dcmtk's ``storescu`` sends one 20-instance
+    study per second (one association each) for ``--studies`` seconds.  For each
+    study: the time from its last instance acknowledged (storescu returned) to a
+    query with one of its images returning that image's item -- the bench polls
+    the target's ref every 0.2 s and queries once the study's ids are in it (the
+    query's own time counted).  p50 and p95 over the studies; the receiver's own
+    log of first-instance-to-searchable is summarized beside it.
+
+``python bench/bench_receive.py throughput [--runs 5]``
+    The DICOM corpus of ``../shared/data/dicom`` and pydicom's test files
+    (pydicom-data) sent with storescu -- to ``flow receive --no-build`` and, in the
+    same run, alternating, to dcmtk's own ``storescp`` (``+xa``, writing every
+    instance to a folder, no fsync); a fresh folder per run.  Instances per second
+    acknowledged; median of ``--runs``.
+
+``python bench/bench_receive.py dicomweb [--instances 1000]``
+    Orthanc (with its DICOMweb plugin, on loopback) holds ``--instances``
+    synthetic instances (20 per study); a project with it as a DICOMweb source is
+    built, then built again: the no-op's QIDO-RS and WADO-RS requests and
+    instances fetched, and its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CLI = [sys.executable, "-c", "from cli.main import main; main()"]
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def write_studies(folder: Path, n_studies: int, per_study: int = 20, seed: int = 0) -> list[Path]:
+    """``n_studies`` folders of ``per_study`` synthetic 64x64 DICOM images."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    out = []
+    for s in range(n_studies):
+        study, series = generate_uid(), generate_uid()
+        d = folder / f"study{s:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_study):
+            img = 800 + 300 * np.sin(xx / (3 + rng.random() * 9)) + rng.normal(0, 60, (64, 64))
+            cy, cx = rng.integers(8, 56, 2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < int(rng.integers(9, 80))] += 900
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, generate_uid()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.PatientName, ds.PatientID, ds.Modality = f"BENCH^{s}", f"P{s:05d}", "OT"
+            ds.InstanceNumber = i + 1
+            ds.Rows = ds.Columns = 64
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+            p = d / f"im{i:02d}.dcm"
+            pydicom.dcmwrite(p, ds, enforce_file_format=True)
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------
+# time to searchable
+
+
+def _receive(root: Path, log: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*CLI, "-p", str(root), "receive", *extra],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "receiving as" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def searchable(items: int, n_studies: int, settle: float) -> dict:
+    from bench.bench_incremental import _flow_net, _images
+    from tests.dicomnet import corpus, free_port, send
+
+    tmp = Path(tempfile.mkdtemp(prefix="flow-tts-"))
+    try:
+        root = tmp / "project"
+        _images(root / "images", 0, items)
+        _flow_net(root / "cnn.pt")
+        port = free_port()
+        from app.project import write_project
+
+        write_project(root, {
+            "store": {"url": "store"},
+            "build": {"workers": 2},
+            "sources": [{"path": "images"}],
+            "receive": {"folder": "incoming", "port": port, "settle": settle},
+            "targets": {"cnn": {"kind": "cnn", "weights": "cnn.pt", "normalize": {"size": 64},
+                                "embedder": {"dim": 32, "size": 64}}},
+        })  # fmt: skip
+        t0 = time.perf_counter()
+        res = subprocess.run([*CLI, "-p", str(root), "-q", "build", "--json"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ,
+                             "PYTHONPATH": str(REPO)})  # fmt: skip
+        full = time.perf_counter() - t0
+        doc = json.loads(res.stdout[res.stdout.index("{") :])
+        assert doc["refs"]["cnn"][0]["count"] == items, res.stderr[-2000:]
+        files = write_studies(tmp / "studies", n_studies)
+        studies = [corpus(tmp / "studies" / f"study{s:04d}") for s in range(n_studies)]
+        log = tmp / "receive.log"
+        proc = _receive(root, log)
+        acked: dict[int, float] = {}
+        searchable_at: dict[int, float] = {}
+
+        def sender() -> None:
+            start = time.monotonic()
+            threads = []
+            for s, part in enumerate(studies):
+                time.sleep(max(0.0, start + s - time.monotonic()))  # one study a second
+
+                def one(s=s, part=part) -> None:
+                    send(part, port)
+                    acked[s] = time.monotonic()
+
+                t = threading.Thread(target=one)
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join()
+
+        snd = threading.Thread(target=sender)
+        snd.start()
+        _watch(root, studies, acked, searchable_at, snd, n_studies)
+        snd.join()
+        _stop(proc)
+        text = log.read_text()
+        own = [float(m) for m in re.findall(r"searchable ([0-9.]+) s after the first", text)]
+        own_last = [float(m) for m in re.findall(r"\(([0-9.]+) s after the last\)", text)]
+        lat = sorted(searchable_at[s] - acked[s] for s in searchable_at)
+        missing = n_studies - len(lat)
+        builds = text.count(" computed in ")
+        del files
+        return {
+            "items": items,
+            "studies": n_studies,
+            "full_build_s": round(full, 1),
+            "p50_s": round(_pct(lat, 50), 2),
+            "p95_s": round(_pct(lat, 95), 2),
+            "max_s": round(lat[-1], 2) if lat else None,
+            "never_searchable": missing,
+            "receiver_first_to_searchable_p50_p95": [
+                round(_pct(sorted(own), q), 2) for q in (50, 95)
+            ],
+            "receiver_last_to_searchable_p50_p95": [
+                round(_pct(sorted(own_last), q), 2) for q in (50, 95)
+            ],
+            "builds": builds,
+            "load": _load(),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _watch(root, studies, acked, searchable_at, sender, n_studies) -> None:
+    """Poll the cnn ref; once a study's ids are in it, query one of its images."""
+    from app.ids import resolve_scheme
+    from app.project import load_project
+    from app.retrieval import Retriever
+    from store.refs import read_ref
+
+    project = load_project(root)
+    store = project.open_store()
+    scheme = resolve_scheme(project, store)
+    ids = []
+    for part in studies:
+        import pydicom
+
+        names = []
+        for p, _, _ in part:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            names.append(f"received/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm")
+        ids.append(scheme.ids(names))
+    seq = None
+    retr = None
+    deadline = None
+    while len(searchable_at) < n_studies:
+        now = time.monotonic()
+        if not sender.is_alive():
+            deadline = deadline or now + 120
+            if now > deadline:
+                break
+        ref = read_ref(store, "cnn")
+        if ref is not None and ref["seq"] != seq:
+            seq = ref["seq"]
+            retr = Retriever(store, ref)
+            have = set(retr.ids)
+            for s, want in enumerate(ids):
+                if s in searchable_at or s not in acked or not set(want) <= have:
+                    continue
+                probe = studies[s][0][0]
+                hits = retr.query(str(probe), k=5)
+                if want[0] in {h.id for h in hits}:
+                    searchable_at[s] = time.monotonic()
+        time.sleep(0.2)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return float(np.percentile(np.asarray(xs), q))
+
+
+# --------------------------------------------------------------------------
+# throughput
+
+
+def throughput(runs: int) -> dict:
+    from tests.conftest import SHARED
+    from tests.dicomnet import acknowledged, corpus, dcmtk, free_port, pydicom_data_roots, send
+
+    files = corpus(SHARED / "dicom") + corpus(*pydicom_data_roots())
+    ours, theirs = [], []
+    tmp = Path(tempfile.mkdtemp(prefix="flow-rx-"))
+    try:
+        for r in range(runs):
+            for who in ("flow", "storescp") if r % 2 == 0 else ("storescp", "flow"):
+                port = free_port()
+                out = tmp / f"{who}{r}"
+                out.mkdir()
+                if who == "flow":
+                    from app.project import write_project
+
+                    write_project(out, {"store": {"url": "store"},
+                                        "receive": {"folder": "incoming", "port": port},
+                                        "targets": {"cnn": {"kind": "cnn"}}})  # fmt: skip
+                    proc = _receive(out, out / "log", "--no-build")
+                else:
+                    proc = subprocess.Popen(
+                        [dcmtk("storescp"), "+xa", "-aet", "FLOW", "-od", str(out), str(port)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    time.sleep(0.5)
+                n = 0
+                t0 = time.perf_counter()
+                for lo in range(0, len(files), 60):
+                    n += len(acknowledged(send(files[lo : lo + 60], port, check=False)))
+                dt = time.perf_counter() - t0
+                _stop(proc)
+                (ours if who == "flow" else theirs).append(n / dt)
+                print(f"  run {r + 1} {who}: {n} instances in {dt:.2f} s = {n / dt:.1f}/s",
+                      flush=True)  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(p.stat().st_size for p, _, _ in files)
+    return {
+        "files": len(files),
+        "mib": round(size / 2**20, 1),
+        "flow_per_s": round(statistics.median(ours), 1),
+        "storescp_per_s": round(statistics.median(theirs), 1),
+        "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+        "runs": runs,
+        "load": _load(),
+    }
+
+
+# --------------------------------------------------------------------------
+# dicomweb
+
+
+def dicomweb(instances: int) -> dict:
+    from app.dicomweb import sync
+    from app.project import load_project, write_project
+    from app.workspace import Workspace
+    from tests.dicomnet import Orthanc
+
+    tmp = Path(tempfile.mkdtemp(prefix="flow-web-"))
+    try:
+        files = write_studies(tmp / "studies", max(1, instances // 20))
+        with Orthanc(tmp / "orthanc") as o:
+            assert o.upload(files) == len(files)
+            os.environ["FLOW_BENCH_PACS_PASSWORD"] = o.password
+            root = tmp / "project"
+            write_project(root, {
+                "store": {"url": "store"},
+                "build": {"scheduler": "threads"},
+                "sources": [{"dicomweb": o.dicomweb, "username": o.user,
+                             "password_env": "FLOW_BENCH_PACS_PASSWORD",
+                             "default_split": "train"}],
+                "targets": {"bovw": {"kind": "bovw", "normalize": {"size": 48},
+                                     "descriptors": {"n_segments": 20, "patch": 12},
+                                     "vocabulary": {"words": 8, "sample": 500}}},
+            })  # fmt: skip
+            project = load_project(root)
+            t0 = time.perf_counter()
+            first = sync(project.dicomweb[0])
+            fetch_s = time.perf_counter() - t0
+            ws = Workspace(load_project(root))
+            built = ws.build("all", progress=False)
+            assert built.moved, built.incomplete
+            t0 = time.perf_counter()
+            again = sync(project.dicomweb[0])
+            sync_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            built = Workspace(load_project(root)).build("all", progress=False)
+            noop_s = time.perf_counter() - t0
+            computed = sum(r.computed for r in built.report.steps.values())
+        return {
+            "instances": len(first.names),
+            "first_sync": {**first.requests, "fetched": first.fetched, "s": round(fetch_s, 2)},
+            "noop_sync": {**again.requests, "fetched": again.fetched, "s": round(sync_s, 3)},
+            "noop_build_s": round(noop_s, 3),
+            "noop_computed": computed,
+            "load": _load(),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("searchable")
+    a.add_argument("--items", type=int, default=10_000)
+    a.add_argument("--studies", type=int, default=120)
+    a.add_argument("--settle", type=float, default=2.0)
+    b = sub.add_parser("throughput")
+    b.add_argument("--runs", type=int, default=5)
+    c = sub.add_parser("dicomweb")
+    c.add_argument("--instances", type=int, default=1000)
+    args = ap.parse_args()
+    print(f"load average at start {_load()}", flush=True)
+    if args.what == "searchable":
+        r = searchable(args.items, args.studies, args.settle)
+    elif args.what == "throughput":
+        r = throughput(args.runs)
+    else:
+        r = dicomweb(args.instances)
+    print(json.dumps(r, indent=2), flush=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
