@@ -48,6 +48,8 @@ sys.path.insert(0, str(REPO))
 CLI = [sys.executable, "-c", "from cli.main import main; main()"]
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+STORESCP = ["+xa", "-dhl"]  # every transfer syntax; no reverse DNS of the peer
+# (bench ... --bit-preserving adds +B)
 
 
 def _load() -> str:
@@ -275,7 +277,7 @@ def throughput(runs: int) -> dict:
                     proc = _receive(out, out / "log", "--no-build")
                 else:
                     proc = subprocess.Popen(
-                        [dcmtk("storescp"), "+xa", "-aet", "FLOW", "-od", str(out), str(port)],
+                        [dcmtk("storescp"), *STORESCP, "-aet", "FLOW", "-od", str(out), str(port)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )  # fmt: skip
                     time.sleep(0.5)
@@ -298,6 +300,7 @@ def throughput(runs: int) -> dict:
         "storescp_per_s": round(statistics.median(theirs), 1),
         "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
         "runs": runs,
+        "storescp_options": " ".join(STORESCP),
         "load": _load(),
     }
 
@@ -364,13 +367,24 @@ def main() -> None:
     a.add_argument("--settle", type=float, default=2.0)
     b = sub.add_parser("throughput")
     b.add_argument("--runs", type=int, default=5)
+    b.add_argument(
+        "--bit-preserving",
+        action="store_true",
+        help="storescp +B: write each dataset as received (no re-encoding)",
+    )
     c = sub.add_parser("dicomweb")
     c.add_argument("--instances", type=int, default=1000)
     args = ap.parse_args()
+    # dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1: with it off, storescu and
+    # storescp stall ~40-90 ms per instance on loopback (delayed ACKs).  Both sides
+    # get it, in every benchmark (storescu is the sender for flow and storescp alike).
+    os.environ["TCP_NODELAY"] = "1"
     print(f"load average at start {_load()}", flush=True)
     if args.what == "searchable":
         r = searchable(args.items, args.studies, args.settle)
     elif args.what == "throughput":
+        if args.bit_preserving:
+            STORESCP.append("+B")
         r = throughput(args.runs)
     else:
         r = dicomweb(args.instances)

@@ -206,7 +206,7 @@ def test_a_failed_write_is_not_acknowledged(tmp_path, monkeypatch):
 
     with Receiver(project) as r:
         r.start()
-        monkeypatch.setattr(os, "fsync", full)
+        monkeypatch.setattr("app.receive._sync", full)  # the data never reached the disk
         res = send([ct], port, check=False)
         assert r.counts["failed"] == 1 and r.counts["stored"] == 0
         out = (res.stdout + res.stderr).lower()
