@@ -35,7 +35,9 @@ only the new items are computed; each index grows a segment) and logs, per
 study, the time from its first instance received to its items being searchable
 (the refs moved).  Studies still arriving wait for the next poll; the first
 poll builds at once whatever is in the folder (catching up with instances
-received while no build ran).  The receive folder is a source of the project
+received while no build ran).  Between builds the folder is not scanned again:
+the receiver knows what it wrote; a full scan every ``rescan`` seconds (300)
+sees what was added or removed by hand.  The receive folder is a source of the project
 (named ``received``), so ``flow build`` and ``flow status`` see the same items.
 
 Item ids of received instances are keyed hashes of ``received/<study>/<sop>.dcm``
@@ -142,6 +144,8 @@ class Receiver:
         self._catalogs: dict = {}
         self._server: Any = None
         self._first = True
+        self._scanned_at = 0.0
+        self.rescan = 300.0  # seconds between full scans of the folder (a safety net)
         self.address: tuple[str, int] | None = None
         self.timings: list[StudyTiming] = []
         self.counts = {"stored": 0, "duplicate": 0, "replaced": 0, "nonimage": 0, "failed": 0}
@@ -301,7 +305,10 @@ class Receiver:
             ready = self._settled(now)
             if not ready and not self._first:
                 return None
+            if self._scan is not None and now - self._scanned_at >= self.rescan:
+                self._scan = None  # files removed or added by hand: see them
             if self._scan is None:
+                self._scanned_at = now
                 rels, stats = self.project.scan(self.conf.source())
                 unsettled = {r for s in self._studies.values() for r in s.files}
                 self._scan = {r: st for r, st in zip(rels, stats) if r not in unsettled}

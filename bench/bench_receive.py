@@ -18,6 +18,10 @@
     instance to a folder, no fsync); a fresh folder per run.  Instances per second
     acknowledged; median of ``--runs``.
 
+``python bench/bench_receive.py sandbox [--items 10000] [--runs 3]``
+    Full builds of bench_incremental's catalog with the per-item limits on (decode
+    in a child process per worker) and off, alternating: what containment costs.
+
 ``python bench/bench_receive.py dicomweb [--instances 1000]``
     Orthanc (with its DICOMweb plugin, on loopback) holds ``--instances``
     synthetic instances (20 per study); a project with it as a DICOMweb source is
@@ -358,6 +362,51 @@ def dicomweb(instances: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------
+# the cost of containment
+
+
+def sandbox_cost(items: int, runs: int) -> dict:
+    """Full builds of ``items`` images with the per-item limits on (the default)
+    and off (``item_timeout = 0``, ``item_memory = 0``), alternating, fresh stores."""
+    from app.project import write_project
+    from app.workspace import Workspace
+    from bench.bench_incremental import _flow_net, _images
+
+    tmp = Path(tempfile.mkdtemp(prefix="flow-box-"))
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        _images(tmp / "images", 0, items)
+        _flow_net(tmp / "cnn.pt")
+        for r in range(runs):
+            for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                limits = {} if mode == "on" else {"item_timeout": 0, "item_memory": 0}
+                shutil.rmtree(tmp / "store", ignore_errors=True)
+                write_project(tmp, {
+                    "store": {"url": "store"},
+                    "build": {"workers": 2, **limits},
+                    "sources": [{"path": "images"}],
+                    "targets": {"cnn": {"kind": "cnn", "weights": "cnn.pt",
+                                        "normalize": {"size": 64},
+                                        "embedder": {"dim": 32, "size": 64}}},
+                })  # fmt: skip
+                t0 = time.perf_counter()
+                built = Workspace.open(tmp).build("all", progress=False)
+                times[mode].append(time.perf_counter() - t0)
+                assert built.report.ok, built.incomplete
+                print(f"  run {r + 1} limits {mode}: {times[mode][-1]:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    return {
+        "items": items,
+        "limits_on_s": round(on, 2),
+        "limits_off_s": round(off, 2),
+        "overhead": round(on / off - 1, 3),
+        "load": _load(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -372,6 +421,9 @@ def main() -> None:
         action="store_true",
         help="storescp +B: write each dataset as received (no re-encoding)",
     )
+    d = sub.add_parser("sandbox")
+    d.add_argument("--items", type=int, default=10_000)
+    d.add_argument("--runs", type=int, default=3)
     c = sub.add_parser("dicomweb")
     c.add_argument("--instances", type=int, default=1000)
     args = ap.parse_args()
@@ -386,6 +438,8 @@ def main() -> None:
         if args.bit_preserving:
             STORESCP.append("+B")
         r = throughput(args.runs)
+    elif args.what == "sandbox":
+        r = sandbox_cost(args.items, args.runs)
     else:
         r = dicomweb(args.instances)
     print(json.dumps(r, indent=2), flush=True)

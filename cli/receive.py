@@ -71,6 +71,8 @@ def receive(ctx, port, ae_title, settle, scheduler, no_build, interval):
                 from cli.incremental import _summary
 
                 log(_summary(built))
+                if built.report.interrupted:  # Ctrl-C during a build: stop receiving
+                    break
             time.sleep(interval)
     except KeyboardInterrupt:
         pass
