@@ -21,14 +21,10 @@ def picture(retriever: Any, image: str | os.PathLike | bytes) -> np.ndarray | No
     stop = next((i for i, e in enumerate(chain) if e["node"].endswith(":normalized")), None)
     if stop is None:
         return None
-    saved = retriever.chain
     try:
-        retriever.chain = chain[: stop + 1]
-        values = retriever.vectors(image)
+        values = retriever.vectors(image, upto=chain[stop]["step"])
     except FlowError:
         return None
-    finally:
-        retriever.chain = saved
     out = values[chain[stop]["step"]]
     return np.asarray(out) if np.ndim(out) == 2 else None
 

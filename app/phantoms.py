@@ -61,6 +61,7 @@ __all__ = [
     "FINDINGS",
     "phantom_identifiers",
     "phantom_image",
+    "phantom_lesions",
     "write_bad_files",
     "write_phantom_study",
 ]
@@ -160,7 +161,11 @@ def _vessels(rng: np.random.Generator, size: int, p: dict) -> np.ndarray:
 
 
 def phantom_image(
-    findings: tuple[str, ...], *, size: int = 128, rng: np.random.Generator
+    findings: tuple[str, ...],
+    *,
+    size: int = 128,
+    rng: np.random.Generator,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """A ``size`` x ``size`` uint16 (0..4095) frontal chest radiograph-like image.
 
@@ -206,6 +211,9 @@ def phantom_image(
     air = lung.astype(np.float32)
     marks = lung.astype(np.float32)
     extra = np.zeros((n, n), np.float32)  # added opacities (findings, pleural line)
+    where: dict[str, np.ndarray] = {}  # finding -> its mask before the pose transform
+    if "Cardiomegaly" in fs:
+        where["Cardiomegaly"] = heart.copy()
 
     if "Effusion" in fs:
         sides = ((-1,), (1,), (-1, 1))[frng.choice(3, p=[0.4, 0.3, 0.3])]
@@ -214,6 +222,7 @@ def phantom_image(
             lateral = np.clip(dist[s] - p["d_med"], 0, None) / (p["d_lat"] - p["d_med"])
             fluid = lungs[s] & (yy > level - frng.uniform(0.04, 0.1) * lateral**2)
             fluid = gaussian_filter(fluid.astype(np.float32), 0.008 * n)
+            where["Effusion"] = where.get("Effusion", np.zeros((n, n), bool)) | (fluid > 0.5)
             air *= 1 - frng.uniform(0.8, 0.95) * fluid
             marks *= 1 - fluid
     if "Pneumothorax" in fs:
@@ -221,6 +230,7 @@ def phantom_image(
         shrink, drop = frng.uniform(0.06, 0.12), frng.uniform(0.05, 0.12)
         collapsed = _lung_mask(dist[s] + 0.3 * shrink, yy, p, shrink, drop)
         rim = lungs[s] & ~collapsed & (yy < p["base"] - 0.1)
+        where["Pneumothorax"] = rim.copy()
         air[rim] = frng.uniform(1.25, 1.5)
         marks[rim] = 0.0
         line = collapsed & ~binary_erosion(collapsed) & lungs[s] & (yy < p["base"] - 0.1)
@@ -234,6 +244,7 @@ def phantom_image(
             thr = np.quantile(field[zone], 0.5)
             patches = np.where(zone, np.clip(field - thr, 0, None), 0.0)
             patches = np.sqrt(patches / (patches.max() + 1e-9))
+            where["Infiltration"] = patches > 0.2
             extra += frng.uniform(0.2, 0.3) * gaussian_filter(patches, 0.008 * n)
     if "Nodule" in fs:
         cand = np.flatnonzero((air > 0.95) & (marks > 0.5))
@@ -241,6 +252,7 @@ def phantom_image(
             cy, cx = np.unravel_index(cand[frng.integers(cand.size)], (n, n))
             r = frng.uniform(0.035, 0.06) * n
             nod = _mask(*ellipse(cy, cx, r, r * frng.uniform(0.85, 1.15), (n, n)), n)
+            where["Nodule"] = nod
             extra += frng.uniform(0.25, 0.35) * gaussian_filter(nod.astype(np.float32), 0.2 * r)
 
     vessels = _vessels(rng, n, p)
@@ -271,6 +283,10 @@ def phantom_image(
         + SimilarityTransform(translation=(c + shift[0], c + shift[1]))
     )
     density = warp(density, tform.inverse, order=1, mode="constant", cval=0.05)
+    if masks is not None:
+        for f, m in where.items():
+            moved = warp(m.astype(np.float32), tform.inverse, order=0, mode="constant", cval=0.0)
+            masks[f] = moved > 0.5
 
     # exposure and noise
     ramp = rng.uniform(-0.04, 0.04) * (xx - 0.5) + rng.uniform(-0.04, 0.04) * (yy - 0.5)
@@ -501,6 +517,21 @@ def write_phantom_study(
         writer.writerow(("file", "split", "finding_labels"))
         writer.writerows(sorted(rows))
     return labels
+
+
+def phantom_lesions(
+    *, n: int = 160, size: int = 128, seed: int = 0, val_fraction: float = 0.25
+) -> dict[str, dict[str, np.ndarray]]:
+    """Where the findings are in the files :func:`write_phantom_study` writes with the
+    same arguments: file (as in ``labels.csv``) -> finding -> bool mask in the
+    file's pixels.  The images are drawn again (nothing is read)."""
+    out = {}
+    for i, it in enumerate(_plan(n, seed, val_fraction)):
+        masks: dict[str, np.ndarray] = {}
+        rng = np.random.default_rng([seed, 2, i])
+        phantom_image(it["findings"], size=size, rng=rng, masks=masks)
+        out[it["file"]] = masks
+    return out
 
 
 def phantom_identifiers(folder: str | Path) -> dict[str, list[str]]:

@@ -6,11 +6,14 @@
                                 │   vocabulary ─┘
                                 ├─ embedding ──────────────────────────── vector_index[cnn]
                                 │   └ embedder (fit on labeled train items, or a weights file)
-                                └─ codes ──────────────────────────────── code_index[codes]
-                                    └ coder (fit: supervised, ITQ without labels)
+                                ├─ codes ──────────────────────────────── code_index[codes]
+                                │   └ coder (fit: supervised, ITQ without labels)
+                                └─ descriptors ─ regions (tiles) ──────── region_index[regions]
+                                    vocabulary ─┘  (decode: source shape, study)
 
-Each ``[targets.<name>]`` table has a ``kind`` (``bovw``, ``cnn`` or
-``codes``) and optional sub-tables of node parameters named after the nodes
+Each ``[targets.<name>]`` table has a ``kind`` (``bovw``, ``cnn``, ``codes``
+or ``regions``: overlapping tiles of every image, see :mod:`nodes.regions`)
+and optional sub-tables of node parameters named after the nodes
 (``[targets.cnn.embedder] epochs = 30``); ``[nodes.<node>]`` sets
 project-wide defaults.  Steps that come out identical across targets (the
 same node, parameters and inputs) are one step, so ``decode`` runs once per
@@ -36,7 +39,7 @@ from flow.errors import ConfigError
 from flow.graph import Graph, Input, Step, toposort
 from flow.node import Node
 
-KINDS = ("bovw", "cnn", "codes")
+TARGET_KINDS = ("bovw", "cnn", "codes", "regions")
 
 
 _NODE_PATHS = {
@@ -53,6 +56,8 @@ _NODE_PATHS = {
     "vector_index": "nodes.index:vector_index",
     "code_index": "nodes.index:code_index",
     "item_table": "nodes.table:item_table",
+    "regions": "nodes.regions:regions",
+    "region_index": "nodes.regions:region_index",
 }
 
 
@@ -75,11 +80,22 @@ _ROLES = {
     "bovw": ("decode", "normalize", "descriptors", "vocabulary", "bovw_histogram", "vector_index"),
     "cnn": ("decode", "normalize", "embedder", "embedding", "vector_index"),
     "codes": ("coder", "codes", "code_index"),
+    "regions": (
+        "decode",
+        "normalize",
+        "descriptors",
+        "vocabulary",
+        "regions",
+        "region_index",
+    ),
 }
 _TARGET_KEYS = {"kind", "embedding", "weights", "description", "retrain", "segments"}
 _KIND_DEFAULTS: dict[str, dict[str, dict]] = {
     # BoVW reads finer structure than the CNN: superpixels need more pixels
     "bovw": {"normalize": {"size": 128}},
+    # a tile holds ~25-50 superpixels: 64 words describe it (256 would leave most
+    # bins empty) and keep a 100k-image region index (900k regions) at ~230 MB
+    "regions": {"normalize": {"size": 128}, "vocabulary": {"words": 64}},
 }
 
 
@@ -164,12 +180,41 @@ class _Builder:
         )
         return {"vectors": emb, "fit": fit}
 
+    def regions(self, t: str) -> dict:
+        """decode ─ normalize ─ descriptors ─ regions (with the vocabulary fit); the
+        same steps as a bovw target's where the parameters agree (one SLIC run)."""
+        n, train, kind = self.nodes, self.splits(self.p.train_splits), "regions"
+        dec = self.add(t, "decode", n["decode"], (Input("files"),), self.params(t, "decode", kind))
+        norm = self.add(
+            t, "normalize", n["normalize"], (Input(dec),), self.params(t, "normalize", kind)
+        )
+        desc = self.add(
+            t, "descriptors", n["descriptors"], (Input(norm),), self.params(t, "descriptors", kind)
+        )
+        voc = self.add(
+            t,
+            "vocabulary",
+            n["vocabulary"],
+            (Input(desc, "all", train),),
+            self.params(t, "vocabulary", kind),
+        )
+        reg = self.add(
+            t,
+            "regions",
+            n["regions"],
+            (Input(dec), Input(norm), Input(desc), Input(voc, "one")),
+            self.params(t, "regions", kind),
+        )
+        return {"vectors": reg, "fit": voc, "fits": [voc]}
+
     def target(self, t: str) -> None:
         spec = self.p.targets[t]
-        kind = spec.get("kind", t if t in KINDS else None)
+        kind = spec.get("kind", t if t in TARGET_KINDS else None)
         where = f"[targets.{t}]"
-        if kind not in KINDS:
-            raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in TARGET_KINDS:
+            raise ConfigError(
+                f"{where}: kind must be one of {', '.join(TARGET_KINDS)}, got {kind!r}"
+            )
         allowed = (
             _TARGET_KEYS
             | set(_ROLES[kind])
@@ -210,6 +255,10 @@ class _Builder:
             out.update(vectors=vec, fit=voc, fits=[voc])
             index_inputs: tuple[Input, ...] = (Input(vec, "all", db),)
             index_node, role = n["vector_index"], "vector_index"
+        elif kind == "regions":
+            out.update(self.regions(t))
+            index_inputs = (Input(out["vectors"], "all", db),)
+            index_node, role = n["region_index"], "region_index"
         elif kind == "cnn":
             out.update(self.cnn(t))
             out["fits"] = [out["fit"]]

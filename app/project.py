@@ -48,6 +48,7 @@ __all__ = [
     "ReceiveConfig",
     "SourceFolder",
     "load_project",
+    "open_project_store",
     "project_text",
     "write_project",
 ]
@@ -392,17 +393,24 @@ def _str_tuple(where: str, v: Any) -> tuple[str, ...]:
     raise ConfigError(f"{where}: expected a string or a list of strings, got {v!r}")
 
 
+def open_project_store(path: str | os.PathLike | None = None, store: str | None = None):
+    """The store of the project at ``path`` (``store`` overrides it; a store URL
+    alone needs no project), without scanning sources: queries start fast."""
+    if store and not path:
+        from store import open_store
+
+        return open_store(store)
+    return load_project(path, store=store).open_store()
+
+
 def project_text(config: Mapping[str, Any]) -> str:
     """``config`` (the tables of a flow.toml, as :func:`load_project` reads them) as
     TOML text.  Nothing is checked: tests write broken projects with it too.
 
-    >>> print(project_text({"store": {"url": "store"}, "sources": [{"path": "images"}]}))
-    [store]
-    url = "store"
-    <BLANKLINE>
-    [[sources]]
-    path = "images"
-    <BLANKLINE>
+    >>> import tomllib
+    >>> config = {"store": {"url": "store"}, "sources": [{"path": "images"}]}
+    >>> tomllib.loads(project_text(config)) == config
+    True
     """
     import tomli_w
 

@@ -6,7 +6,6 @@ import numpy as np
 
 from app.workspace import Workspace
 from flow.graph import cull
-from flow.plan import plan
 
 __all__ = ["status_rows"]
 
@@ -30,7 +29,7 @@ def status_rows(ws: Workspace, targets: list[str] | str = "all") -> list[dict]:
     seg_g, layout = ws._segmented(names, p, compact=False)
     seg_g = cull(seg_g, [s for t in names for pair in layout[t] for s in pair])
     cats, objs = ws._catalogs(seg_g)
-    segs = plan(seg_g, items, cats, objs, known=p.steps)
+    segs = ws._plan(seg_g, cats, objs, known=p.steps)
     rows = []
     for t in names:
         steps = ws.targets[t]

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.scan import paused_gc, scan_folder, stat_file
+from flow.errors import ConfigError
 
 _MISSING = (-1, -1)  # the snapshot's entry for a source folder that is not there
 
@@ -112,6 +113,17 @@ class _Notifications:
     def close(self) -> None:
         self._observer.stop()
         self._observer.join(timeout=5)
+
+
+def only_sources(project: Any, folders: list[str] | tuple[str, ...]) -> None:
+    """Keep only the project's sources at ``folders`` (each must be one of them:
+    a :class:`ConfigError` names those that are not)."""
+    wanted = {os.path.realpath(f) for f in folders}
+    have = {os.path.realpath(s.path) for s in project.sources}
+    missing = wanted - have
+    if missing:
+        raise ConfigError(f"{', '.join(sorted(missing))} is not a source of {project.file}")
+    project.sources = [s for s in project.sources if os.path.realpath(s.path) in wanted]
 
 
 class Watcher:

@@ -36,6 +36,19 @@ class Built:
     incomplete: dict[str, str] = field(default_factory=dict)  # target -> why not moved
     fits: list[str] = field(default_factory=list)  # fit steps whose pin moved
 
+    def hints(self) -> list[str]:
+        """What a person can do about this build's failures, one line each."""
+        from engine.builder import NO_SPLIT_ITEMS
+
+        out = []
+        if any(NO_SPLIT_ITEMS in f.reason for f in self.report.failures):
+            out.append(
+                "an item's split comes from its source's labels CSV (split_column) "
+                "or from default_split in [[sources]]; [train] splits names those the "
+                "fits learn from"
+            )
+        return out
+
 
 class Workspace:
     """A project and its store, with the graph of its targets."""
@@ -43,7 +56,7 @@ class Workspace:
     def __init__(self, project: Project, *, retrain: bool = False, scans: dict | None = None):
         self.project = project
         self.store = project.open_store()
-        self.retrain = retrain  # ignore pinned fits: refit on the current items
+        self._retrain = retrain
         self._graph: tuple[Graph, dict] | None = None
         self._items: tuple | None = None
         self._scans = scans  # sources scanned already (Project.items)
@@ -54,6 +67,16 @@ class Workspace:
         cls, path: str | Path | None = None, *, store: str | None = None, retrain: bool = False
     ) -> Workspace:
         return cls(load_project(path, store=store), retrain=retrain)
+
+    @property
+    def retrain(self) -> bool:
+        """Ignore pinned fits: refit every target's fits on the current items."""
+        return self._retrain
+
+    @retrain.setter
+    def retrain(self, value: bool) -> None:
+        if value != self._retrain:
+            self._retrain, self._graph, self._items = value, None, None
 
     # -- the graph over the current sources -------------------------------------------
 
@@ -215,29 +238,25 @@ class Workspace:
         return cull(self.graph, target_steps(self.targets, targets, eval=eval))
 
     def _catalogs(self, graph: Graph, loaded: dict | None = None):
-        from store.catalog import ObjectCatalog, load_catalog
+        from engine.builder import load_holdings
 
-        loaded = loaded or {}
-        cats = {
-            s.node_name: loaded.get(s.node_name) or load_catalog(self.store, s.node_name)
-            for s in graph.values()
-            if s.kind == "item"
-        }
-        objs = {
-            s.node_name: ObjectCatalog(self.store, s.node_name)
-            for s in graph.values()
-            if s.kind == "set"
-        }
-        return cats, objs
+        return load_holdings(self.store, graph, loaded)
+
+    def _plan(self, graph: Graph, cats: dict, objs: dict, **kw: Any) -> Plan:
+        """``plan()`` over loaded holdings; the recipe keys it derives are remembered."""
+        from store.catalog import save_recipes
+
+        p = plan(graph, self.items()[0], cats, objs, **kw)
+        save_recipes(self.store, cats, p)
+        return p
 
     def plan(
         self, targets: list[str] | str = "all", *, eval: bool = False, reasons: bool = True
     ) -> Plan:
         """The current state of every step the targets need (reads no arrays)."""
         g = self.subgraph(targets, eval=eval)
-        items = self.items()[0]
         cats, objs = self._catalogs(g)
-        return plan(g, items, cats, objs, reasons=reasons)
+        return self._plan(g, cats, objs, reasons=reasons)
 
     # -- build ---------------------------------------------------------------------
 
@@ -256,6 +275,7 @@ class Workspace:
         *,
         executor: Any = None,
         scheduler: str | None = None,
+        cluster: str | None = None,
         workers: int | None = None,
         tls: dict | None = None,
         eval: bool = False,
@@ -273,7 +293,11 @@ class Workspace:
         ``catalogs``: item catalogs by node name that a long-lived caller keeps
         between builds (``flow watch``); they are brought up to date with the
         store first, missing ones are loaded into it, and the build keeps them
-        current."""
+        current.
+
+        ``cluster``: ``"slurm"`` starts the workers as Slurm jobs from the project's
+        ``[cluster]`` table (``"local"``: a local cluster of that shape); so does a
+        project or ``scheduler`` of ``"slurm"``.  Every job is released at the end."""
         from engine.executors import get_executor, tls_security
         from store.catalog import refresh_catalog
 
@@ -284,7 +308,11 @@ class Workspace:
             self.source_log = log
         record_scheme(self.store, self.items()[2]["scheme"])
         own = executor is None
-        if own:
+        if own and (cluster or (scheduler or self.project.scheduler) == "slurm"):
+            from engine.cluster import cluster_executor
+
+            executor = cluster_executor(self.project, cluster or "slurm", workers=workers, log=log)
+        elif own:
 
             def started(ex: Any) -> None:
                 if log and ex.dashboard:
@@ -356,8 +384,7 @@ class Workspace:
         is); ``catalogs``: item catalogs already loaded (by node name)."""
         from app.segments import Policy, assign, segment_steps
         from flow.plan import FRESH
-        from flow.plan import plan as run_plan
-        from store.packs import read_object
+        from store.objects import read_object
         from store.refs import read_ref
 
         items = self.items()[0]
@@ -386,7 +413,7 @@ class Workspace:
                 gp, pairs = segment_steps(cull(g, [ix, tb]), t, ix, tb, previous)
                 gp = cull(gp, [s for pair in pairs for s in pair])
                 cats, objs = self._catalogs(gp, catalogs)
-                pp = run_plan(gp, items, cats, objs, reasons=False, known=after.steps)
+                pp = self._plan(gp, cats, objs, reasons=False, known=after.steps)
                 for j, (a, _) in enumerate(pairs):
                     members = pp.steps[a].members
                     n = len(next(iter(members.values()))) if members else 0
@@ -526,6 +553,17 @@ class Workspace:
         from app.evaluation import evaluate
 
         return evaluate(self, target, k or self.project.eval_k, **kw)
+
+
+def item_paths(path: str | Path | None = None, store: str | None = None) -> dict[str, str]:
+    """Item id -> source file of the project at ``path``, or {} where there is no
+    project at hand (a query against a store alone)."""
+    try:
+        ws = Workspace.open(path, store=store)
+        items, _, meta = ws.items()
+        return dict(zip(items.ids, meta["paths"]))
+    except Exception:
+        return {}
 
 
 def _id_key(item_id: str) -> str:

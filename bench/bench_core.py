@@ -56,7 +56,8 @@ def noop(tmp: Path, n: int, runs: int) -> dict:
     ft.synthetic_inputs(data, store)  # the cache now trusts every file
 
     from flow.plan import plan
-    from store.catalog import ObjectCatalog, load_catalog
+    from store.catalog import load_catalog
+    from store.objects import load_objects
 
     g = ft.synthetic_graph()
 
@@ -64,7 +65,7 @@ def noop(tmp: Path, n: int, runs: int) -> dict:
         s = open_store(st_path)
         it, _ = ft.synthetic_inputs(data, s)
         cats = {n: load_catalog(s, n) for n in ("parsed", "smoothed", "histogram")}
-        objs = {"mean_histogram": ObjectCatalog(s, "mean_histogram")}
+        objs = {"mean_histogram": load_objects(s, "mean_histogram")}
         p = plan(g, it, cats, objs, reasons=False)
         assert p.done and all(sp.count(0) == len(sp.status) for sp in p.steps.values()), "stale"
 

@@ -31,7 +31,8 @@ from engine.builder import build
 from flow.keys import KEY_SIZE, item_key
 from flow.plan import ItemTable, plan
 from store import open_store
-from store.catalog import ObjectCatalog, load_catalog
+from store.catalog import load_catalog
+from store.objects import load_objects
 
 NODES = ("parsed", "smoothed", "histogram")
 
@@ -56,7 +57,7 @@ def noop_files(tmp: Path, n: int, runs: int) -> dict:
         s = open_store(st)
         it, _ = ft.synthetic_inputs(data, s)
         cats = {n: load_catalog(s, n) for n in NODES}
-        p = plan(g, it, cats, {"mean_histogram": ObjectCatalog(s, "mean_histogram")}, reasons=False)
+        p = plan(g, it, cats, {"mean_histogram": load_objects(s, "mean_histogram")}, reasons=False)
         times.append(time.perf_counter() - t0)
         assert p.done and all(sp.counts()["fresh"] == len(sp.status) for sp in p.steps.values())
     return {
@@ -117,7 +118,7 @@ def noop_million(tmp: Path, n: int, runs: int, per_pack: int = 1000) -> dict:
     # planner's recipe-key cache (cache/recipes/) that a real no-op then finds
     t0 = time.perf_counter()
     cats = {name: load_catalog(st, name) for name in NODES}
-    plan(g, items, cats, {"mean_histogram": ObjectCatalog(st, "mean_histogram")}, reasons=False)
+    plan(g, items, cats, {"mean_histogram": load_objects(st, "mean_histogram")}, reasons=False)
     cold_plan = time.perf_counter() - t0
     times, plan_only = [], []
     for _ in range(runs):
@@ -125,7 +126,7 @@ def noop_million(tmp: Path, n: int, runs: int, per_pack: int = 1000) -> dict:
         cats = {name: load_catalog(st, name) for name in NODES}
         t1 = time.perf_counter()
         p = plan(
-            g, items, cats, {"mean_histogram": ObjectCatalog(st, "mean_histogram")}, reasons=False
+            g, items, cats, {"mean_histogram": load_objects(st, "mean_histogram")}, reasons=False
         )
         t2 = time.perf_counter()
         times.append(t2 - t0)

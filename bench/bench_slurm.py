@@ -64,7 +64,7 @@ def _local_slurm():
     return mod
 
 
-KINDS = ("slurm", "procs", "local")
+LAUNCHES = ("slurm", "procs", "local")
 
 
 def _noop() -> None:
@@ -173,7 +173,7 @@ def run(args, tmp: Path, partition: str | None) -> dict:
         "start_s": {},
         "overhead": {},
     }
-    kinds = KINDS
+    kinds = LAUNCHES
     for workers in (1, 2, 4):
         # both clusters up at once, their runs alternating: the machine's other
         # load drifts, and this way it hits both alike
@@ -224,7 +224,7 @@ def table(out: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for w in (1, 2, 4):
-        cells = [f"{t[k][w]['items_per_s']} ({t[k][w]['best_items_per_s']})" for k in KINDS]
+        cells = [f"{t[k][w]['items_per_s']} ({t[k][w]['best_items_per_s']})" for k in LAUNCHES]
         rows.append(
             f"| {w} | {' | '.join(cells)} | "
             f"{t['slurm'][w]['items_per_s'] / t['slurm'][1]['items_per_s']:.2f}x | "
@@ -236,9 +236,9 @@ def table(out: dict) -> str:
         "| per task, 2 workers (median) | Slurm jobs (ms) | worker processes (ms) | "
         "LocalCluster (ms) |",
         "|---|---:|---:|---:|",
-        "| no-op function | " + " | ".join(str(o[k]["noop_ms"]) for k in KINDS) + " |",
+        "| no-op function | " + " | ".join(str(o[k]["noop_ms"]) for k in LAUNCHES) + " |",
         "| batch of 1 tiny item (3-node chain + pack write) | "
-        + " | ".join(str(o[k]["batch_of_one_ms"]) for k in KINDS)
+        + " | ".join(str(o[k]["batch_of_one_ms"]) for k in LAUNCHES)
         + " |",
     ]
     return "\n".join(rows)

@@ -109,36 +109,23 @@ def build(
     Interrupting (Ctrl-C) loses nothing that finished: rerun to continue.
     """
     ws = ctx.workspace
-    if retrain:
-        ws.retrain, ws._graph = True, None
+    ws.retrain = retrain
     items = ws.items()[0]
     ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); store {ws.store.url}")
-    executor = None
-    if cluster_kind or (scheduler or ws.project.scheduler) == "slurm":
-        from engine.cluster import cluster_executor
-
-        kind = cluster_kind or "slurm"
-        executor = cluster_executor(ws.project, kind, workers=workers, log=ctx.log)
-    try:
-        built = ws.build(
-            _targets(targets),
-            executor=executor,
-            scheduler=scheduler,
-            workers=workers,
-            tls={
-                k: v
-                for k, v in (("ca_file", tls_ca_file), ("cert", tls_cert), ("key", tls_key))
-                if v
-            },
-            retry_failed=retry_failed,
-            fail_fast=fail_fast,
-            compact=compact,
-            progress=False if ctx.quiet else progress,
-            log=ctx.log,
-        )
-    finally:
-        if executor is not None:
-            executor.close()
+    built = ws.build(
+        _targets(targets),
+        scheduler=scheduler,
+        cluster=cluster_kind,
+        workers=workers,
+        tls={
+            k: v for k, v in (("ca_file", tls_ca_file), ("cert", tls_cert), ("key", tls_key)) if v
+        },
+        retry_failed=retry_failed,
+        fail_fast=fail_fast,
+        compact=compact,
+        progress=False if ctx.quiet else progress,
+        log=ctx.log,
+    )
     rep = built.report
     if as_json:
         doc = rep.to_json()
@@ -214,15 +201,8 @@ def _print_report(ctx, built) -> None:
                 click.echo("    " + f.traceback.replace("\n", "\n    "), err=True)
         if len(rep.failures) > 50:
             click.echo(f"  ... and {len(rep.failures) - 50} more (--json lists all)", err=True)
-        from engine.builder import NO_SPLIT_ITEMS
-
-        if any(NO_SPLIT_ITEMS in f.reason for f in rep.failures):
-            click.echo(
-                "hint: an item's split comes from its source's labels CSV (split_column) "
-                "or from default_split in [[sources]]; [train] splits names those the "
-                "fits learn from",
-                err=True,
-            )
+        for hint in built.hints():
+            click.echo(f"hint: {hint}", err=True)
     ctx.log(f"done in {seconds(rep.seconds)} on {rep.executor}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -125,19 +124,11 @@ def watch(ctx, folders, interval, settle, scheduler, poll_only, rescan):
     `flow build index --target=all`, which computes only the new work and adds
     an index segment.  Ctrl-C stops between builds.
     """
-    from app.watch import Watcher
+    from app.watch import Watcher, only_sources
 
     project = ctx.workspace.project
     if folders:
-        wanted = {os.path.realpath(f) for f in folders}
-        have = {os.path.realpath(s.path) for s in project.sources}
-        missing = wanted - have
-        if missing:
-            click.echo(
-                f"error: {', '.join(sorted(missing))} is not a source of {project.file}", err=True
-            )
-            sys.exit(2)
-        project.sources = [s for s in project.sources if os.path.realpath(s.path) in wanted]
+        only_sources(project, folders)
     stop = {"now": False}
 
     def on_signal(signum, frame):

@@ -32,10 +32,9 @@ def _when(t: float) -> str:
 @handle_errors
 def log(ctx, target, as_json):
     """The history of TARGET's ref: every index it pointed at, newest first."""
-    from store.refs import ref_history
+    from app.maintenance import ref_log
 
-    store = ctx.workspace.store
-    hist = ref_history(store, target)
+    hist = ref_log(ctx.workspace, target)
     if not hist:
         click.echo(f"error: no ref named {target!r} (build it first)", err=True)
         sys.exit(2)
@@ -80,76 +79,38 @@ def explain(ctx, what, depth, as_json):
     for each of its inputs.  For a source file: what every step made from it,
     and which indices hold it.
     """
-    from store.lineage import Lineage, tree
+    from app.maintenance import explain_file, explain_key, lineage_lines
 
     ws = ctx.workspace
-    lin = Lineage(ws.store)
     if os.path.exists(what):
-        from flow.keys import file_key
-
-        k = file_key(what).hex()
-        recs = lin.downstream(k, depth)
-        held = _indices_holding(ws, what)
+        found = explain_file(ws, what, depth)
         if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "file": what,
-                        "key": k,
-                        "derived": [r.to_json() for r in recs],
-                        "indices": held,
-                    },
-                    indent=2,
-                )
-            )
+            click.echo(json.dumps(found.to_json(), indent=2))
             return
-        click.echo(f"{what}\nkey {k}")
-        click.echo("\n".join(tree(recs)) if recs else "  (nothing stored from this file)")
-        for h in held:
+        click.echo(f"{what}\nkey {found.key}")
+        click.echo(
+            "\n".join(lineage_lines(found.derived))
+            if found.derived
+            else "  (nothing stored from this file)"
+        )
+        for h in found.indices:
             click.echo(
                 f"in index {h['target']} (ref #{h['seq']}) as {h['id']!r}, labels "
                 f"{h['labels'] or '-'}"
             )
         return
     try:
-        recs = lin.find(what)
+        recs = explain_key(ws, what, depth)
     except ValueError as e:
         click.echo(f"error: {e}; or give a path to a source file", err=True)
         sys.exit(2)
     if not recs:
         click.echo(f"error: no stored item or object has a key starting with {what}", err=True)
         sys.exit(1)
-    recs = [lin.upstream(r, depth) for r in recs]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in recs], indent=2))
         return
-    click.echo("\n".join(tree(recs)))
-
-
-def _indices_holding(ws, path: str) -> list[dict]:
-    """Targets whose current index holds the item of ``path``."""
-    from app.retrieval import Retriever
-    from store.refs import read_ref
-
-    items, _, meta = ws.items()
-    real = os.path.realpath(path)
-    ids = [i for i, p in zip(items.ids, meta["paths"]) if p == real]
-    out = []
-    for t in ws.targets:
-        ref = read_ref(ws.store, t)
-        if ref is None or not ids:
-            continue
-        try:
-            r = Retriever(ws.store, ref)
-        except Exception:
-            continue
-        for iid in ids:
-            if iid in r.ids:
-                j = r.ids.index(iid)
-                out.append(
-                    {"target": t, "seq": ref["seq"], "id": iid, "labels": "|".join(r.labels[j])}
-                )
-    return out
+    click.echo("\n".join(lineage_lines(recs)))
 
 
 @click.command()
@@ -165,15 +126,14 @@ def verify(ctx, no_repair, as_json):
     are quarantined (their manifests move to quarantine/), so the next build
     recomputes them.  Exit status 1 if anything was corrupt.
     """
-    from store.maintenance import verify as run_verify
+    from app.maintenance import verify_store
 
-    store = ctx.workspace.store
     checked = {"pack": 0, "object": 0}
 
     def progress(kind, node, ident, why):
         checked[kind] += 1
 
-    problems = run_verify(store, repair=not no_repair, progress=progress)
+    problems = verify_store(ctx.workspace, repair=not no_repair, progress=progress)
     if as_json:
         click.echo(
             json.dumps({"checked": checked, "problems": [p.__dict__ for p in problems]}, indent=2)
@@ -218,35 +178,9 @@ def gc(ctx, delete, keep, grace, as_json):
     computes nothing).  Dead: other packs and objects, leftovers of killed
     writers, temporary files, the quarantine.  Dry run unless --delete.
     """
-    from flow.plan import FAILED, FRESH
-    from store.maintenance import collect
+    from app.maintenance import collect_garbage
 
-    ws = ctx.workspace
-    p = ws.plan("all", reasons=False)
-    pe = ws.plan("all", eval=True, reasons=False)
-    live_items: dict[str, set] = {}
-    live_objects: set = set()
-    for pl, g in ((p, ws.subgraph("all")), (pe, ws.subgraph("all", eval=True))):
-        for name, sp in pl.steps.items():
-            st = g[name]
-            if st.kind == "source":
-                continue
-            keep_rows = [
-                rk for s, rk in zip(sp.status, sp.rkeys) if s in (FRESH, FAILED) and rk is not None
-            ]
-            if st.kind == "item":
-                live_items.setdefault(st.node_name, set()).update(keep_rows)
-            else:
-                live_objects.update((st.node_name, bytes(rk).hex()) for rk in keep_rows)
-    res = collect(
-        ws.store,
-        live_items=live_items,
-        live_objects=live_objects,
-        keep=keep,
-        grace=grace,
-        delete=delete,
-        purge=ws.forgotten_ids(),
-    )
+    res = collect_garbage(ctx.workspace, keep=keep, grace=grace, delete=delete)
     if as_json:
         click.echo(
             json.dumps(

@@ -18,6 +18,11 @@ from cli.main import handle_errors, pass_ctx
     default=None,
     help="annoy search_k: nodes inspected per query (more: slower, closer to exact).",
 )
+@click.option(
+    "--roi",
+    help="A region of interest x,y,w,h in IMAGE's pixels: regions targets return "
+    "matching regions (one per study); other targets search with that crop.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--montage",
@@ -26,18 +31,19 @@ from cli.main import handle_errors, pass_ctx
 )
 @pass_ctx
 @handle_errors
-def query(ctx, image, target, k, search_k, as_json, montage):
+def query(ctx, image, target, k, search_k, roi, as_json, montage):
     """Find the K most similar prior images to IMAGE (DICOM, PNG or JPEG).
 
     Runs the same decode/normalize/embed nodes the index was built with on
     IMAGE, then searches the target's current index.  Reads only the ref, the
     index and the fit objects: nothing is trained or recomputed.
     """
-    from app.retrieval import Retriever
+    from app.retrieval import Retriever, parse_roi
 
+    box = parse_roi(roi)
     store = _store(ctx)
     retr = Retriever.open(store, target)
-    hits = retr.query(image, k=k, search_k=search_k)
+    hits = retr.query(image, k=k, search_k=search_k, roi=box)
     files = _files(ctx, [h.id for h in hits])
     if as_json:
         import json
@@ -46,13 +52,23 @@ def query(ctx, image, target, k, search_k, as_json, montage):
         for r in results:
             if r["id"] in files:
                 r["file"] = files[r["id"]]
-        click.echo(json.dumps({"query": image, "target": target, "results": results}, indent=2))
+        doc = {"query": image, "target": target, "results": results}
+        if box:
+            doc["roi"] = list(box)
+        click.echo(json.dumps(doc, indent=2))
     else:
+        regions = retr.kind == "regions"
         click.echo(
             table(
-                ["rank", "distance", "item", "labels"],
+                ["rank", "distance", "item", *(["box x,y,w,h"] if regions else []), "labels"],
                 [
-                    [h.rank, round(h.distance, 4), files.get(h.id, h.id), "|".join(h.labels)]
+                    [
+                        h.rank,
+                        round(h.distance, 4),
+                        files.get(h.id, h.id),
+                        *([",".join(map(str, h.box or ()))] if regions else []),
+                        "|".join(h.labels),
+                    ]
                     for h in hits
                 ],
                 right={0, 1},
@@ -67,14 +83,9 @@ def query(ctx, image, target, k, search_k, as_json, montage):
 
 
 def _store(ctx):
-    """The store, without scanning sources (queries must start fast)."""
-    if ctx.store_url and not ctx.project_path:
-        from store import open_store
+    from app.project import open_project_store
 
-        return open_store(ctx.store_url)
-    from app.project import load_project
-
-    return load_project(ctx.project_path, store=ctx.store_url).open_store()
+    return open_project_store(ctx.project_path, ctx.store_url)
 
 
 def _files(ctx, ids: list[str]) -> dict[str, str]:
@@ -95,13 +106,9 @@ def _files(ctx, ids: list[str]) -> dict[str, str]:
 
 
 def _paths(ctx) -> dict[str, str]:
-    """Item id -> source file, when the project is at hand (for the montage)."""
-    try:
-        ws = ctx.workspace
-        items, _, meta = ws.items()
-        return dict(zip(items.ids, meta["paths"]))
-    except Exception:
-        return {}
+    from app.workspace import item_paths
+
+    return item_paths(ctx.project_path, ctx.store_url)
 
 
 @click.command("eval")
@@ -129,7 +136,18 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
 
     ws = ctx.workspace
     names = _targets(targets)
-    names = list(ws.targets) if names == "all" else names
+    if names == "all":
+        # a region index answers boxes, not images: see BENCHMARKS.md for its hit rate
+        names = [t for t, v in ws.targets.items() if v["kind"] != "regions"]
+    else:
+        for t in names:
+            if ws.targets.get(t, {}).get("kind") == "regions":
+                from flow.errors import ConfigError
+
+                raise ConfigError(
+                    f"flow eval measures whole-image retrieval; {t!r} is a regions target "
+                    "(its hit rate: bench/bench_serve.py --quality)"
+                )
     k = k or ws.project.eval_k
     results = [ws.evaluate(t, k, scheduler=scheduler, log=ctx.debug) for t in names]
     if as_json:

@@ -133,7 +133,7 @@ class SourceRefs:
 
 
 def _recipe(step: Step) -> Any:
-    from store.packs import Recipe
+    from store.outputs import Recipe
 
     assert step.node is not None
     return Recipe(
@@ -159,6 +159,32 @@ def _batch_size(steps: list[Step], n_work: int, n_workers: int, override: int | 
     if hints and not any(s.node.batched for s in steps if s.node is not None):
         size = min(size, min(hints))
     return size
+
+
+def load_holdings(
+    store: Any, graph: Graph, catalogs: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``store`` holds for ``graph``'s steps, as the planner reads it: the item
+    catalogs (with the recipe keys remembered for the graph's steps) and the set
+    outputs, by node name.  ``catalogs``: item catalogs loaded already (kept as
+    they are).  This is the build's only reading of the store before it plans."""
+    from store.catalog import load_catalog
+    from store.objects import load_objects
+
+    catalogs = catalogs or {}
+    steps: dict[str, list[str]] = {}
+    for s in graph.values():
+        if s.kind == "item":
+            steps.setdefault(s.node_name, []).append(s.name)
+    cats = {
+        n: catalogs[n] if n in catalogs else load_catalog(store, n, steps=names)
+        for n, names in steps.items()
+    }
+    objs = {
+        n: load_objects(store, n)
+        for n in sorted({s.node_name for s in graph.values() if s.kind == "set"})
+    }
+    return cats, objs
 
 
 #: what a set step's failure reason says when its splits select no item at all
@@ -192,8 +218,6 @@ class Builder:
         name -- the ones missing are loaded and added to it; ``limits``
         (:class:`engine.sandbox.Limits`): per-item time and memory limits of the
         steps that read source files (None: none)."""
-        from store.catalog import ObjectCatalog, load_catalog
-
         self.graph, self.items, self.sources = graph, items, sources
         self.store, self.executor = store, executor
         self.retry_failed, self.fail_fast = retry_failed, fail_fast
@@ -202,16 +226,14 @@ class Builder:
         self.log = log or (lambda msg: None)
         self.limits = limits
         self.ctx = TaskContext.of(store.url, storage_options)
-        nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
-        nodes_set = {s.node_name for s in graph.values() if s.kind == "set"}
         self.catalogs = catalogs if catalogs is not None else {}
         # the catalogs this build loads are its own: it saves them when it ends
         # (a caller that keeps its catalogs decides when they are saved)
+        nodes_item = {s.node_name for s in graph.values() if s.kind == "item"}
         self._loaded = sorted(nodes_item - set(self.catalogs))
-        for n in self._loaded:
-            self.catalogs[n] = load_catalog(store, n)
+        cats, self.objects = load_holdings(store, graph, self.catalogs)
+        self.catalogs.update(cats)
         self._known = dict(known or {})
-        self.objects = {n: ObjectCatalog(store, n) for n in sorted(nodes_set)}
         self.report: BuildReport | None = None
         self._failures: list[Failure] = []
         self._stop = False
@@ -220,7 +242,9 @@ class Builder:
         self._submitted = 0  # tasks submitted so far: a plan made since is still current
 
     def plan(self, reasons: bool = False) -> Plan:
-        return plan(
+        from store.catalog import save_recipes
+
+        p = plan(
             self.graph,
             self.items,
             self.catalogs,
@@ -229,6 +253,8 @@ class Builder:
             reasons=reasons,
             known=self._known,
         )
+        save_recipes(self.store, self.catalogs, p)
+        return p
 
     # -- item phases --------------------------------------------------------------
 
@@ -514,13 +540,10 @@ class Builder:
     def _after_task_error(self, e: BaseException) -> None:
         """A task that met a corrupt input quarantined it: re-read the catalogs so
         this build's plans no longer count on it (the next build recomputes it)."""
-        from store.catalog import load_catalog
-
         if type(e).__name__ == "CorruptInput":
             self._known = {}
-            self.catalogs.update({n: load_catalog(self.store, n) for n in self.catalogs})
-            for objs in self.objects.values():
-                objs._cache.clear()
+            cats, self.objects = load_holdings(self.store, self.graph)
+            self.catalogs.update(cats)
 
     # -- interrupts -------------------------------------------------------------------
 
@@ -640,7 +663,7 @@ class Builder:
                     continue
                 if st.kind == "set":
                     obj = self.objects[st.node_name].get(sp.rkeys[i])  # type: ignore[arg-type]
-                    f = obj.manifest.get("failure", {}) if obj else {}
+                    f = (obj.failure or {}) if obj else {}
                     out.append(
                         Failure(
                             name,

@@ -69,7 +69,7 @@ __all__ = [
     "slurm_command",
 ]
 
-KINDS = ("slurm", "local")
+CLUSTER_TYPES = ("slurm", "local")
 
 #: the keys of ``[cluster]``, and what each means
 KEYS = {
@@ -276,7 +276,7 @@ def make_cluster(config: ClusterConfig, kind: str = "slurm") -> Any:
             silence_logs=logging.ERROR,
         )
     if kind != "slurm":
-        raise ConfigError(f"unknown cluster kind {kind!r}: use {' or '.join(KINDS)}")
+        raise ConfigError(f"unknown cluster kind {kind!r}: use {' or '.join(CLUSTER_TYPES)}")
     cluster_class = slurm_cluster_class()
     if shutil.which("sbatch") is None:
         raise ConfigError("--cluster slurm: no sbatch on PATH (run it on a Slurm login node)")

@@ -349,7 +349,7 @@ def _memory_error(memory: int) -> dict:
 
 def _run(msg: Call, nodes: dict, send: Any) -> Answer:
     from engine.worker import _error
-    from store.packs import canonical_output
+    from store.outputs import canonical_output
 
     try:
         node = nodes.get(msg.node) if msg.node else None

@@ -32,7 +32,7 @@ def check_node(n: Node, *args: Any, **params: Any) -> Key:
 
     Returns the output's content key.
     """
-    from store.packs import canonical_output
+    from store.outputs import canonical_output
 
     p = n.params(params)
     kw = {f: getattr(p, f) for f in p.__dataclass_fields__}
@@ -151,3 +151,117 @@ def _synthetic_inputs(folder, store, include):
     items = ItemTable(rels, [""] * len(rels), {"files": keys}, source_errors={"files": errors})
     sources = SourceRefs({"files": FileRefs(rels, keys, root)})
     return items, sources
+
+
+# --------------------------------------------------------------------------
+# the executor conformance suite
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def _drain(executor: Any, futures: set, timeout: float = 120.0) -> list[Any]:
+    """Wait for every future (in ``wait_any`` polls); their results, in completion order."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    out = []
+    pending = set(futures)
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} tasks not done in {timeout} s"
+        done, pending = executor.wait_any(pending, timeout=0.5)
+        out += [executor.result(f) for f in done]
+    return out
+
+
+class ExecutorTests:
+    """What every executor must do, the way ``store.testing.StoreTests`` checks stores.
+
+    Subclass it in a test module and give an ``executor`` fixture (class-scoped
+    where starting one is slow: a cluster, Slurm jobs); set ``inline = True`` for
+    an executor that runs each task as it is submitted.  The builder relies on
+    exactly these calls: ``submit``, ``wait_any`` (returning within its timeout),
+    ``result`` (re-raising a task's exception), ``cancel``, ``n_workers``, and a
+    build of the synthetic pipeline must store exactly what a ``sync`` build does.
+    """
+
+    inline = False
+
+    def test_submit_and_wait_for_results(self, executor: Any) -> None:
+        futs = {executor.submit(_square, i) for i in range(6)}
+        assert sorted(_drain(executor, futs)) == [0, 1, 4, 9, 16, 25]
+
+    def test_a_task_exception_is_raised_by_result(self, executor: Any) -> None:
+        import pytest
+
+        fut = executor.submit(_fail, "boom from a task")
+        done: set = set()
+        while not done:
+            done, _ = executor.wait_any({fut}, timeout=0.5)
+        with pytest.raises(ValueError, match="boom from a task"):
+            executor.result(fut)
+
+    def test_wait_any_returns_within_its_timeout(self, executor: Any) -> None:
+        import time
+
+        fut = executor.submit(_sleep, 2.0)
+        t0 = time.monotonic()
+        done, pending = executor.wait_any({fut}, timeout=0.1)
+        waited = time.monotonic() - t0
+        if self.inline:
+            assert done == {fut} and not pending
+        else:
+            assert not done and pending == {fut} and waited < 1.5
+            assert _drain(executor, {fut}) == [2.0]
+
+    def test_cancel_and_workers(self, executor: Any) -> None:
+        futs = {executor.submit(_sleep, 0.2) for _ in range(3)}
+        executor.cancel(futs)  # whatever they were doing: no error
+        executor.cancel(set())
+        assert executor.n_workers >= 1
+
+    def test_a_build_stores_what_a_sync_build_stores(self, executor: Any, tmp_path: Path) -> None:
+        from engine.builder import build
+        from engine.executors import SyncExecutor
+        from store import open_store
+        from store.catalog import load_catalog
+        from store.objects import read_object_manifests
+
+        write_synthetic_files(tmp_path / "data", 40)
+        (tmp_path / "data" / "f000007.bin").write_bytes(b"BAD" + bytes(100))
+
+        def content(root: Path) -> dict:
+            st = open_store(root)
+            out = {}
+            for n in ("parsed", "smoothed", "histogram"):
+                cat = load_catalog(st, n, write_cache=False)
+                out[n] = {(cat.rkeys[r].tobytes(), cat.ckey(r)) for r in range(len(cat))}
+            docs = read_object_manifests(st, "mean_histogram")
+            out["mean_histogram"] = {(d["rkey"], d["ckey"]) for d in docs if "ckey" in d}
+            return out
+
+        def run(root: Path, ex: Any):
+            st = open_store(root)
+            items, sources = synthetic_inputs(tmp_path / "data", st)
+            return build(synthetic_graph(), items, sources, st, ex, progress=False)
+
+        want = run(tmp_path / "sync", SyncExecutor())
+        got = run(tmp_path / "here", executor)
+        assert [(f.step, f.id) for f in got.failures] == [("parsed", "f000007.bin")]
+        assert got.failures[0].bad_input and not got.ok and not got.interrupted
+        assert content(tmp_path / "here") == content(tmp_path / "sync")
+        assert got.steps["parsed"].computed == want.steps["parsed"].computed == 39
+        again = run(tmp_path / "here", executor)
+        assert sum(r.computed for r in again.steps.values()) == 0

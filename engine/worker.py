@@ -86,7 +86,7 @@ class ChainStep:
     params: dict
     prefix: bytes
     wires: tuple[Wire, ...]  # one per node input
-    recipe: Any  # store.packs.Recipe
+    recipe: Any  # store.outputs.Recipe
     # per-item time and memory limits (engine.sandbox): steps that read source files
     limits: Any = None
 
@@ -192,7 +192,7 @@ _OBJECTS_MAX = 8
 def load_object(store, node: str, rkey: bytes) -> Any:
     """A set step's stored output, kept in a small per-process cache (a model or
     vocabulary is read once per worker, not once per task)."""
-    from store.packs import read_object
+    from store.objects import read_object
 
     k = (store.url, node, bytes(rkey))
     if k in _OBJECTS:
@@ -250,7 +250,7 @@ def _call_items(
     (:class:`engine.sandbox.Limits`): each item runs contained, in a child
     process with those time and memory limits.
     """
-    from store.packs import canonical_output
+    from store.outputs import canonical_output
 
     if limits is not None and limits.active:
         yield from _call_contained(node, params, args_per_item, shared, limits)
@@ -321,7 +321,8 @@ def run_chain(
     retry_failed: bool = False,
 ) -> ChainResult:
     """Run a batch of items through a chain of item steps; write one pack per step."""
-    from store.packs import ItemResult, write_pack
+    from store.outputs import ItemResult
+    from store.packs import write_pack
 
     store = ctx.store()
     reader = Reader(store)
@@ -479,7 +480,8 @@ def run_set(
 
     ``inputs`` has one entry per node input.
     """
-    from store.packs import ItemResult, canonical_output, write_object
+    from store.objects import write_object
+    from store.outputs import ItemResult, canonical_output
 
     store = ctx.store()
     reader = Reader(store)

@@ -39,6 +39,7 @@ node-level prefix digest with the input keys -- no per-item encoding work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -56,6 +57,7 @@ __all__ = [
     "item_key",
     "items_key",
     "key",
+    "params_json",
     "register",
     "register_lazy",
 ]
@@ -144,7 +146,7 @@ def _dispatch(cls: type) -> Encoder:
         _lazy.pop(top)()
         _dispatch.cache_clear()
         return _dispatch(cls)
-    if dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen:
+    if dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]  # set by @dataclass
         return _encode_config
     raise TypeError(
         f"flow cannot key a value of type {cls.__module__}.{cls.__qualname__}: "
@@ -155,7 +157,7 @@ def _dispatch(cls: type) -> Encoder:
 
 
 def _encode(value: Any, out: list) -> None:
-    _dispatch(type(value))(value, out)
+    _dispatch(type(value))(value, out)  # type: ignore[arg-type]  # a type is hashable
 
 
 @register(type(None))
@@ -254,7 +256,7 @@ def _encode_array(value: np.ndarray, out: list) -> None:
     out.append(struct.pack(f"<{arr.ndim}Q", *arr.shape))
     out.append(_length(arr.nbytes))
     # the array's own buffer, not a copy: key() feeds it to the hasher as is
-    out.append(memoryview(arr).cast("B") if arr.nbytes else b"")
+    out.append(arr.data.cast("B") if arr.nbytes else b"")
 
 
 @register(np.generic)
@@ -351,3 +353,13 @@ def items_key(ids: Iterable[str], ckeys: Iterable[bytes]) -> Key:
     raws = [i.encode("utf-8", "surrogateescape") for i in ids]
     buf = b"".join([b"".join((pack(len(r)), r, c)) for r, c in zip(raws, ckeys)])
     return Key(blake3(_ITEMS_DOMAIN + buf).digest(KEY_SIZE))
+
+
+def params_json(params: Any) -> str:
+    """Parameters as canonical JSON (how manifests record them)."""
+
+    def untuple(v: Any) -> Any:
+        return [untuple(x) for x in v] if isinstance(v, tuple | list) else v
+
+    d = params if isinstance(params, dict) else dataclasses.asdict(params)
+    return json.dumps({k: untuple(v) for k, v in d.items()}, sort_keys=True, separators=(",", ":"))

@@ -98,7 +98,7 @@ class Items(Sequence):
     def __len__(self) -> int:
         return len(self.values)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.values[i]
 
     def __iter__(self) -> Iterator[Any]:
@@ -243,7 +243,7 @@ def _referenced(tree: ast.AST, namespace: dict, package: str) -> list[tuple[str,
             mod = namespace[n.value.id]
             if mod.__name__.partition(".")[0] == package and hasattr(mod, n.attr):
                 found[f"{n.value.id}.{n.attr}"] = getattr(mod, n.attr)
-    out = []
+    out: list[tuple[str, Any]] = []
     for name, obj in sorted(found.items()):
         if isinstance(obj, Node):
             obj = obj.fn
@@ -274,7 +274,7 @@ def fingerprint(fn: Callable) -> str:
             digest = disk.read_text("ascii").strip()
             if len(digest) == 2 * 16 and all(c in "0123456789abcdef" for c in digest):
                 with contextlib.suppress(AttributeError):
-                    fn.__flow_fingerprint__ = digest
+                    fn.__flow_fingerprint__ = digest  # type: ignore[union-attr]  # a function
                 return digest
     parts: list[tuple[str, str]] = []
     seen: set[int] = set()
@@ -294,7 +294,7 @@ def fingerprint(fn: Callable) -> str:
     visit("", fn, True)
     digest = key(parts).hex()
     with contextlib.suppress(AttributeError):
-        fn.__flow_fingerprint__ = digest
+        fn.__flow_fingerprint__ = digest  # type: ignore[union-attr]  # a function
     if disk is not None:
         with contextlib.suppress(OSError):
             disk.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +375,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 
 def _params_class(name: str, params: list[inspect.Parameter]) -> type:
-    fields = []
+    fields: list[tuple[Any, ...]] = []
     for p in params:
         if p.default is inspect.Parameter.empty:
             fields.append((p.name, Any))
@@ -423,7 +423,7 @@ class Node:
         the node and the parameter.
         """
         if isinstance(config, self.Params):
-            config = dataclasses.asdict(config)
+            config = dataclasses.asdict(config)  # type: ignore[call-overload]  # a dataclass
         values = dict(config or {})
         values.update(overrides)
         names = {f.name: f for f in dataclasses.fields(self.Params)}

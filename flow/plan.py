@@ -1,14 +1,16 @@
 """The planner: which node instances are stale, and why -- a pure function.
 
 ``plan(graph, items, catalogs, objects)`` looks at nothing but its
-arguments: no store, no Dask, no files.  The store side hands it plain
-lookups (recipe key -> content key) that it prepared beforehand, so the
+arguments: no store, no Dask, no files.  The caller loads what the store
+holds into plain in-memory snapshots beforehand (:mod:`flow.snapshot`:
+recipe key -> content key lookups, prior recipes, set outputs), so the
 planner can be tested with dicts and re-run cheaply after every phase of a
-build.  One exception, a cache only: a catalog from the store carries a
-:class:`store.catalog.RecipeMemo`, which remembers a step's derived recipe
-keys under a BLAKE3 digest of all their hash inputs; the planner reuses them
-when that digest is the same (a no-op of a million items then hashes one
-buffer per step instead of a million keys) and hands the memo new ones.
+build.  A catalog may carry a :class:`~flow.snapshot.RecipeMemo` of a step's
+recipe keys derived in an earlier process, found by a BLAKE3 digest of all
+their hash inputs; the planner reuses them when that digest is the same (a
+no-op of a million items then hashes one buffer per step instead of a
+million keys) and returns the keys it derived anew in :attr:`Plan.memos`,
+for the caller to keep (``store.catalog.save_recipes``) or not.
 
 For each item step the planner walks the items in order and derives each
 recipe key from the content keys of the item's inputs (early cutoff: a
@@ -36,34 +38,29 @@ Example (with plain dicts standing in for the store)::
     >>> g = Graph(); _ = g.source("files")
     >>> items = ItemTable(ids=["a.png"], splits=[""], sources={"files": [b"k" * 16]})
     >>> p = plan(g, items, catalogs={}, objects={})
-    >>> p.steps["files"].status
-    [0]
+    >>> [Status(s).name for s in p.steps["files"].status]
+    ['FRESH']
+    >>> broken = ItemTable(ids=["a.png"], splits=[""], sources={"files": [None]})
+    >>> [Status(s).name for s in plan(g, broken, {}, {}).steps["files"].status]
+    ['BLOCKED']
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from blake3 import blake3
 
 from flow.graph import Graph, Step, toposort
-from flow.keys import _ITEM_DOMAIN, _ITEMS_DOMAIN, KEY_SIZE, item_key, items_key
+from flow.keys import _ITEM_DOMAIN, _ITEMS_DOMAIN, KEY_SIZE, item_key, items_key, params_json
+from flow.snapshot import CatalogLike, ObjectsLike, Previous
 
-__all__ = [
-    "ItemTable",
-    "Plan",
-    "Previous",
-    "Status",
-    "StepPlan",
-    "params_json",
-    "plan",
-]
+__all__ = ["ItemTable", "Plan", "Status", "StepPlan", "plan", "stale_rows"]
 
 
 class Status(IntEnum):
@@ -76,41 +73,6 @@ class Status(IntEnum):
 
 # plain ints for hot loops (an IntEnum attribute lookup costs ~5 us)
 FRESH, MISSING, FAILED, BLOCKED, PENDING = 0, 1, 2, 3, 4
-
-
-@dataclass(frozen=True)
-class Previous:
-    """What was last built for a (step, item): for "why is it stale?"."""
-
-    version: str
-    fingerprint: str
-    params: str  # params_json
-    inputs: str  # hex of the input keys
-
-
-class CatalogLike(Protocol):
-    index: Mapping[bytes, int]
-    failed: Mapping[bytes, Any]
-
-    def ckey(self, row: int) -> bytes: ...
-
-    def previous(self, step: str, item_id: str) -> Previous | None: ...
-
-
-class ObjectsLike(Protocol):
-    def get(self, rkey: bytes) -> Any: ...  # .ckey: bytes | None, .failed: bool
-
-    def previous(self, step: str) -> Previous | None: ...
-
-
-def params_json(params: Any) -> str:
-    """Parameters as canonical JSON (how manifests record them)."""
-
-    def untuple(v: Any) -> Any:
-        return [untuple(x) for x in v] if isinstance(v, tuple | list) else v
-
-    d = params if isinstance(params, dict) else asdict(params)
-    return json.dumps({k: untuple(v) for k, v in d.items()}, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass
@@ -168,13 +130,13 @@ class KeyList(Sequence):
 
     def tolist(self) -> list[bytes | None]:
         if self._list is None:
-            self._list = _split(self._keys.tobytes(), KEY_SIZE)  # type: ignore[assignment]
-        return self._list  # type: ignore[return-value]
+            self._list = _split(self._keys.tobytes(), KEY_SIZE)  # type: ignore[assignment]  # every key is known
+        return self._list  # type: ignore[return-value]  # set just above
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.tolist()[i]
 
     def __iter__(self):
@@ -185,7 +147,7 @@ class KeyList(Sequence):
             other = other.tolist()
         return isinstance(other, list) and self.tolist() == other
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, like the list it stands for
 
     def __repr__(self) -> str:
         return repr(self.tolist())
@@ -232,6 +194,8 @@ class StepPlan:
 class Plan:
     steps: dict[str, StepPlan]
     order: list[str]
+    #: recipe keys derived anew, to remember: node -> step -> (token, concatenated keys)
+    memos: dict[str, dict[str, tuple[bytes, bytes]]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -297,9 +261,12 @@ def _split(raw: bytes, width: int) -> list[bytes]:
     return [raw[o : o + width] for o in range(0, len(raw), width)]
 
 
-def _recipe_keys(step: Step, ready: np.ndarray, done: dict[str, StepPlan], memo: Any) -> bytes:
+def _recipe_keys(
+    step: Step, ready: np.ndarray, done: dict[str, StepPlan], memo: Any, new: dict | None
+) -> bytes:
     """The recipe keys of the ``ready`` items, concatenated: ``item_key(prefix, inputs)``
-    of each (inlined), or remembered by ``memo`` for exactly the same hash inputs."""
+    of each (inlined), or remembered by ``memo`` for exactly the same hash inputs;
+    keys derived anew go into ``new`` (step -> (token, keys))."""
     base = _ITEM_DOMAIN + bytes(step.prefix)
     r = len(ready)
     parts: list[np.ndarray] | None = [
@@ -312,20 +279,20 @@ def _recipe_keys(step: Step, ready: np.ndarray, done: dict[str, StepPlan], memo:
             if k is None or len(k) != KEY_SIZE:
                 parts = None
                 break
-            parts.append(np.broadcast_to(np.frombuffer(k, np.uint8), (r, KEY_SIZE)))  # type: ignore[union-attr]
+            parts.append(np.broadcast_to(np.frombuffer(k, np.uint8), (r, KEY_SIZE)))  # type: ignore[union-attr]  # not None in the loop
         else:
             m = _key_matrix(up)
             if m is None:
                 parts = None
                 break
-            parts.append(m[ready])  # type: ignore[union-attr]
+            parts.append(m[ready])  # type: ignore[union-attr]  # not None in the loop
     if parts is None:  # keys of another size (only hand-made item tables): one by one
         out = []
         for i in ready.tolist():
             buf = base
             for inp in step.inputs:
                 up = done[inp.step]
-                buf += up.ckeys[0] if inp.mode == "one" else up.ckeys[i]  # type: ignore[operator]
+                buf += up.ckeys[0] if inp.mode == "one" else up.ckeys[i]  # type: ignore[operator]  # ready: inputs known
             out.append(blake3(buf).digest(KEY_SIZE))
         return b"".join(out)
     raw = np.concatenate(parts, axis=1).tobytes()
@@ -337,8 +304,8 @@ def _recipe_keys(step: Step, ready: np.ndarray, done: dict[str, StepPlan], memo:
         if hit is not None:
             return hit
     keys = b"".join([blake3(raw[o : o + w]).digest(KEY_SIZE) for o in range(0, len(raw), w)])
-    if memo is not None:
-        memo.put(step.name, token, keys)
+    if new is not None:
+        new[step.name] = (token, keys)
     return keys
 
 
@@ -374,6 +341,7 @@ def _plan_item_step(
     catalog: CatalogLike | None,
     retry_failed: bool,
     reasons: bool,
+    memos: dict[str, dict[str, tuple[bytes, bytes]]],
 ) -> StepPlan:
     ins = [done[i.step] for i in step.inputs]
     blocked = np.zeros(n, bool)
@@ -401,10 +369,11 @@ def _plan_item_step(
     if not r:
         return StepPlan(step.name, "item", status, rkeys, ckeys, why)
     memo = getattr(catalog, "recipes", None)
-    rraw = _recipe_keys(step, ready, done, memo)
+    new = memos.setdefault(step.node_name, {}) if memo is not None else None
+    rraw = _recipe_keys(step, ready, done, memo, new)
     rkm = np.frombuffer(rraw, np.uint8).reshape(r, KEY_SIZE)
     if r == n:
-        rkeys = KeyList(rkm)  # type: ignore[assignment]
+        rkeys = KeyList(rkm)  # type: ignore[assignment]  # reads as the list
     else:
         for i, k in zip(ready.tolist(), _split(rraw, KEY_SIZE)):
             rkeys[i] = k
@@ -418,7 +387,7 @@ def _plan_item_step(
     if len(fresh):
         ckm[fresh] = ckeys_of(rows[found])
         if len(fresh) == n:
-            ckeys = KeyList(ckm)  # type: ignore[assignment]
+            ckeys = KeyList(ckm)  # type: ignore[assignment]  # reads as the list
         else:
             for i, k in zip(fresh.tolist(), _split(ckm[fresh].tobytes(), KEY_SIZE)):
                 ckeys[i] = k
@@ -434,7 +403,7 @@ def _plan_item_step(
             if again:
                 why[i] = "retry"
             elif reasons and catalog is not None:
-                why[i] = ("inputs", _inputs_hex(step, i, done))  # type: ignore[assignment]
+                why[i] = ("inputs", _inputs_hex(step, i, done))
             else:
                 why[i] = "missing"
     sp = StepPlan(step.name, "item", status, rkeys, ckeys, why)
@@ -444,7 +413,7 @@ def _plan_item_step(
 
 def _inputs_hex(step: Step, i: int, done: dict[str, StepPlan]) -> str:
     keys = b"".join(
-        done[inp.step].ckeys[0] if inp.mode == "one" else done[inp.step].ckeys[i]  # type: ignore[misc]
+        done[inp.step].ckeys[0] if inp.mode == "one" else done[inp.step].ckeys[i]  # type: ignore[misc]  # known: the item ran
         for inp in step.inputs
     )
     return keys.hex()
@@ -466,7 +435,7 @@ def _plan_set_step(
         if inp.mode == "one":
             st = up.status[0]
             if st == Status.FRESH:
-                digests.append(up.ckeys[0])  # type: ignore[arg-type]
+                digests.append(up.ckeys[0])  # type: ignore[arg-type]  # fresh: known
             elif st in (Status.FAILED, Status.BLOCKED):
                 state = max(state, Status.BLOCKED)
             else:
@@ -580,6 +549,7 @@ def plan(
     """
     order = toposort(graph)
     done: dict[str, StepPlan] = {}
+    memos: dict[str, dict[str, tuple[bytes, bytes]]] = {}
     n = len(items)
     for name in order:
         step = graph[name]
@@ -589,7 +559,7 @@ def plan(
             done[name] = _plan_source(step, items)
         elif step.kind == "item":
             cat = catalogs.get(step.node_name)
-            sp = _plan_item_step(step, n, done, cat, retry_failed, reasons)
+            sp = _plan_item_step(step, n, done, cat, retry_failed, reasons, memos)
             if reasons and cat is not None:
                 for i, r in enumerate(sp.reasons):
                     if isinstance(r, tuple):
@@ -601,7 +571,7 @@ def plan(
             done[name] = _plan_set_step(
                 step, items, done, objects.get(step.node_name), retry_failed
             )
-    return Plan(done, order)
+    return Plan(done, order, {k: v for k, v in memos.items() if v})
 
 
 def stale_rows(sp: StepPlan) -> Sequence[int]:

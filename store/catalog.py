@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from blake3 import blake3
 
 from flow.errors import CorruptObject
-from flow.keys import KEY_SIZE
-from flow.plan import Previous, params_json
+from flow.keys import KEY_SIZE, params_json
+from flow.snapshot import Previous, RecipeMemo
 from store.abc import Store
 from store.packs import loads
 
@@ -143,9 +144,10 @@ class Catalog:
             for row, (pk, iid) in enumerate(zip(self.pack.tolist(), self.ids)):
                 latest[(steps[pk], iid)] = row  # rows are in pack creation order
             self._latest = latest
-        row = self._latest.get((step, item_id))
-        if row is None:
+        found = self._latest.get((step, item_id))
+        if found is None:
             return None
+        row = found
         p = self.packs[int(self.pack[row])]
         return Previous(p.version, p.fingerprint, p.params, self.inputs[row])
 
@@ -259,7 +261,7 @@ class Catalog:
         """Drop the rows of packs not in ``keep`` (they were collected)."""
         old = self.packs
         mapping = np.full(len(old) + 1, -1, np.int32)
-        new_packs = []
+        new_packs: list[PackInfo] = []
         for i, p in enumerate(old):
             if p.id in keep:
                 mapping[i] = len(new_packs)
@@ -374,13 +376,16 @@ def _params_json(params: dict) -> str:
     return params_json(params)
 
 
-def load_catalog(store: Store, node: str, *, write_cache: bool = True) -> Catalog:
-    """The catalog of ``node``, reconciled with the store's current listing."""
+def load_catalog(
+    store: Store, node: str, *, write_cache: bool = True, steps: list[str] | None = None
+) -> Catalog:
+    """The catalog of ``node``, reconciled with the store's current listing, with
+    the recipe keys remembered for ``steps`` (every step it has memos of, if None)."""
     try:
         cat = Catalog.from_bytes(node, store.get(_cache_path(node)))
     except Exception:  # none yet, or unreadable: read every manifest
         cat = Catalog(node)
-    cat.recipes = RecipeMemo(store, node, write=write_cache)
+    cat.recipes = load_recipes(store, node, steps)
     refresh_catalog(store, cat, write_cache=write_cache)
     return cat
 
@@ -428,59 +433,74 @@ def _cache_path(node: str) -> str:
     return f"cache/catalog/{node}.npz"
 
 
-_MEMO_MAGIC = b"flow-recipes-v1\x00"
+_MEMO_MAGIC = b"flow-recipes-v2\x00"  # v1 (no length, no step name) is ignored
 
 
-class RecipeMemo:
-    """Recipe keys the planner derived last time, per step: a disposable cache.
+def _memo_path(node: str, step: str) -> str:
+    return f"cache/recipes/{node}/{blake3(step.encode()).hexdigest(16)}.bin"
+
+
+def load_recipes(store: Store, node: str, steps: list[str] | None = None) -> RecipeMemo:
+    """The recipe keys the planner derived for ``node``'s steps in earlier
+    processes (a :class:`flow.snapshot.RecipeMemo`): a disposable cache.
 
     Deriving a recipe key is a pure function of the node prefix and the input
-    keys (:func:`flow.keys.item_key`), so the planner may remember the keys of
-    a whole step and reuse them when the *entire* input is the same again: the
-    entry is found by a ``token`` -- the planner's BLAKE3 digest of every
-    derived key's full hash input -- and is used only if that token and a
-    checksum of the stored keys both match.  Anything else (no file, another
-    token, a damaged file, a store we can't write) means "derive them again";
-    the cache is never the only copy of anything (DESIGN, principle 3).
-    Stored at ``cache/recipes/<node>/<step digest>.bin``.
+    keys (:func:`flow.keys.item_key`), so the keys of a whole step can be
+    remembered and reused when the *entire* input is the same again: an entry
+    is found by a ``token`` -- the planner's BLAKE3 digest of every derived
+    key's full hash input -- and is kept only if a checksum of the stored keys
+    matches.  Anything else (no file, a damaged file, a store we can't read)
+    means "derive them again"; the cache is never the only copy of anything
+    (DESIGN, principle 3).  Stored at ``cache/recipes/<node>/<step digest>.bin``.
     """
-
-    def __init__(self, store: Store, node: str, write: bool = True):
-        self.store, self.node, self.write = store, node, write
-        self._mem: dict[str, tuple[bytes, bytes]] = {}  # step -> (token, keys)
-
-    def _path(self, step: str) -> str:
-        return f"cache/recipes/{self.node}/{blake3(step.encode()).hexdigest(16)}.bin"
-
-    def get(self, step: str, token: bytes, n: int) -> bytes | None:
-        """The ``n`` remembered keys (concatenated) for ``token``, or None."""
-        mem = self._mem.get(step)
-        if mem is not None and mem[0] == token and len(mem[1]) == n * KEY_SIZE:
-            return mem[1]
+    if steps is None:
         try:
-            data = self.store.get(self._path(step))
+            names = [n for n in store.list(f"cache/recipes/{node}") if n.endswith(".bin")]
+        except OSError:
+            return RecipeMemo()
+        wanted: dict[str, str | None] = {f"cache/recipes/{node}/{n}": None for n in names}
+    else:
+        wanted = {_memo_path(node, st): st for st in steps}
+    entries: dict[str, tuple[bytes, bytes]] = {}
+    head = len(_MEMO_MAGIC)
+    for path, step in wanted.items():
+        try:
+            data = store.get(path)
         except (FileNotFoundError, OSError):
-            return None
-        head = len(_MEMO_MAGIC)
-        if (
-            len(data) != head + 64 + n * KEY_SIZE
-            or data[:head] != _MEMO_MAGIC
-            or data[head : head + 32] != token
-        ):
-            return None
-        keys = data[head + 64 :]
-        if blake3(keys).digest() != data[head + 32 : head + 64]:
-            return None  # damaged: derive again
-        self._mem[step] = (token, keys)
-        return keys
+            continue
+        if len(data) < head + 64 + 4 or data[:head] != _MEMO_MAGIC:
+            continue
+        token, check, rest = data[head : head + 32], data[head + 32 : head + 64], data[head + 64 :]
+        if step is None:  # listed: the step's name is stored after the keys' length
+            n_keys = int.from_bytes(rest[:4], "little")
+            keys, name = rest[4 : 4 + n_keys * KEY_SIZE], rest[4 + n_keys * KEY_SIZE :]
+            step = name.decode("utf-8", "surrogateescape")
+        else:
+            n_keys = int.from_bytes(rest[:4], "little")
+            keys = rest[4 : 4 + n_keys * KEY_SIZE]
+        if len(keys) != n_keys * KEY_SIZE or blake3(keys).digest() != check:
+            continue  # damaged: derive again
+        entries[step] = (token, keys)
+    return RecipeMemo(entries)
 
-    def put(self, step: str, token: bytes, keys: bytes) -> None:
-        self._mem[step] = (token, keys)
-        if not self.write:
-            return
-        doc = b"".join((_MEMO_MAGIC, token, blake3(keys).digest(), keys))
-        with contextlib.suppress(OSError):  # only a cache
-            self.store.put(self._path(step), doc)
+
+def save_recipes(store: Store, catalogs: dict, plan: Any) -> None:
+    """Remember the recipe keys ``plan`` derived anew (:attr:`flow.plan.Plan.memos`):
+    in the catalogs' memos, and in the store for later processes."""
+    for node, steps in plan.memos.items():
+        cat = catalogs.get(node)
+        memo = getattr(cat, "recipes", None)
+        if memo is None:
+            continue
+        for step, (token, keys) in steps.items():
+            if memo.entries.get(step) == (token, keys):
+                continue
+            memo.entries[step] = (token, keys)
+            name = step.encode("utf-8", "surrogateescape")
+            n = (len(keys) // KEY_SIZE).to_bytes(4, "little")
+            doc = b"".join((_MEMO_MAGIC, token, blake3(keys).digest(), n, keys, name))
+            with contextlib.suppress(OSError):  # only a cache
+                store.put(_memo_path(node, step), doc)
 
 
 def _read_manifests(store: Store, node: str, ids: list[str]) -> list[dict]:
@@ -501,66 +521,3 @@ def _read_manifests(store: Store, node: str, ids: list[str]) -> list[dict]:
     else:
         docs = [one(i) for i in ids]
     return [d for d in docs if d is not None]
-
-
-@dataclass
-class ObjectState:
-    ckey: bytes | None
-    failed: bool
-    manifest: dict
-
-
-class ObjectCatalog:
-    """The set outputs of one node: looked up by recipe key, one manifest each."""
-
-    def __init__(self, store: Store, node: str):
-        self.store = store
-        self.node = node
-        self._cache: dict[bytes, ObjectState | None] = {}
-        self._all: list[dict] | None = None
-
-    def get(self, rkey: bytes) -> ObjectState | None:
-        if rkey not in self._cache:
-            where = f"objects/{self.node}/{bytes(rkey).hex()}.json"
-            try:
-                doc = loads(self.store.get(where), where)
-            except (FileNotFoundError, CorruptObject):
-                self._cache[rkey] = None
-            else:
-                self._cache[rkey] = _object_state(doc)
-        return self._cache[rkey]
-
-    def add(self, rkey: bytes, manifest: dict) -> None:
-        """Record an object this process just wrote."""
-        self._cache[rkey] = _object_state(manifest)
-        self._all = None
-
-    def manifests(self) -> list[dict]:
-        """Every object manifest of the node, oldest first."""
-        if self._all is None:
-            names = [n for n in self.store.list(f"objects/{self.node}") if n.endswith(".json")]
-            docs = []
-            for n in names:
-                where = f"objects/{self.node}/{n}"
-                try:
-                    docs.append(loads(self.store.get(where), where))
-                except (FileNotFoundError, CorruptObject):
-                    continue
-            self._all = sorted(docs, key=lambda d: d["created"])
-        return self._all
-
-    def previous(self, step: str) -> Previous | None:
-        for doc in reversed(self.manifests()):
-            if doc.get("step") == step:
-                return Previous(
-                    str(doc["version"]),
-                    doc["fingerprint"],
-                    _params_json(doc["params"]),
-                    doc.get("inputs", ""),
-                )
-        return None
-
-
-def _object_state(doc: dict) -> ObjectState:
-    failed = "failure" in doc
-    return ObjectState(None if failed else bytes.fromhex(doc["ckey"]), failed, doc)

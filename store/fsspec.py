@@ -73,7 +73,7 @@ class FsspecStore(Store):
         self._conditional: bool | None = None if self._s3 else False
 
     @property
-    def supports_conditional(self) -> bool:  # type: ignore[override]
+    def supports_conditional(self) -> bool:  # type: ignore[override]  # a property here
         """Whether ``put_if_absent`` is atomic (on S3: the server honours If-None-Match)."""
         if self._conditional is None:
             self._conditional = self._probe_conditional()

@@ -35,7 +35,8 @@ from typing import Any
 from flow.errors import CorruptObject, StoreError
 from flow.keys import KEY_SIZE, key
 from store.abc import Store
-from store.packs import PackReader, loads, read_object
+from store.objects import read_object
+from store.packs import PackReader, loads
 from store.refs import list_refs, ref_history
 
 # --------------------------------------------------------------------------
@@ -237,8 +238,8 @@ def collect(
             holds_purged = False
             if purge_keys:
                 try:
-                    doc = loads(store.get(f"{base}.json"), base)
-                    holds_purged = bool(purged(doc.get("attrs", {}).get("ids", ())))
+                    obj = loads(store.get(f"{base}.json"), base)
+                    holds_purged = bool(purged(obj.get("attrs", {}).get("ids", ())))
                 except (FileNotFoundError, CorruptObject):
                     pass
             if not holds_purged and ((node, rk) in roots or young(f"{base}.json")):
@@ -266,7 +267,7 @@ def collect(
         live = None if live_items is None else {bytes(k) for k in live_items.get(node, ())}
         for pid in sorted(manifests):
             base = f"packs/{node}/{pid}"
-            doc = None
+            doc: dict | None = None
             if purge_keys:
                 try:
                     doc = loads(store.get(f"{base}.json"), base)
@@ -292,7 +293,7 @@ def collect(
                 raw = bytes.fromhex(doc.get("rkeys", ""))
                 rks = {raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)}
                 rks |= {bytes.fromhex(f["rkey"]) for f in doc.get("failures", [])}
-                keep_it = bool(rks & live)  # type: ignore[operator]
+                keep_it = bool(rks & live)  # type: ignore[operator]  # live is a set here
             if keep_it:
                 out.kept_packs += 1
                 continue
@@ -321,7 +322,8 @@ def collect(
 def rewrite_pack(store: Store, node: str, pack_id: str, drop: set[str]) -> dict | None:
     """Publish a copy of a pack without the items (and failures) whose id is in
     ``drop``, then delete the original; None if nothing is left to keep."""
-    from store.packs import ItemResult, Recipe, write_pack
+    from store.outputs import ItemResult, Recipe
+    from store.packs import write_pack
 
     reader = PackReader.open(store, node, pack_id)
     m = reader.manifest

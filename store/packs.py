@@ -1,9 +1,9 @@
-"""Packs and objects: how node outputs sit in the store.
+"""Packs: how per-item outputs sit in the store, and how anything is published.
 
 Per-item outputs are written in **packs**: one pack per executed batch, many
 items per zarr array, so a million images are a few thousand files, not a
 million.  Set-node outputs (a vocabulary, a model, an index) are **objects**,
-one per recipe key.  Layout under the store root::
+one per recipe key (:mod:`store.objects`).  Layout under the store root::
 
     packs/<node>/<pack-id>/<field>        zarr v3 arrays (stacked or ragged)
     packs/<node>/<pack-id>.json           the manifest, written last
@@ -24,33 +24,30 @@ of the output), which is what ``flow verify`` re-checks.  Arrays are written
 with a CRC32C codec, so a corrupted chunk fails on read.
 
 Output values are brought to a canonical form before they are keyed and
-stored (:func:`canonical_output`), so what is read back keys the same.
+stored (:func:`store.outputs.canonical_output`), so what is read back keys the same.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import platform
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from flow.errors import CorruptObject, StoreError
-from flow.keys import KEY_SIZE, Key, bytes_key, key
-from flow.values import Blob
+from flow.keys import KEY_SIZE, bytes_key
 from store.abc import Store
-from store.host import hostname
+from store.outputs import _BARE, ItemResult, Recipe, _retuple, _split, _untuple, environment
+
+__all__ = ["FORMAT", "PackReader", "loads", "write_pack"]
 
 FORMAT = "flow/1"
-_BARE = "_"  # field name of a node output that is a bare array
 _INNER_CHUNK_BYTES = 1 << 20
 # arrays up to this many bytes are encoded by zarr into memory and written as
 # plain files (Store.put_new): zarr's own store round trips cost ~3 ms an array,
@@ -61,143 +58,9 @@ _IN_MEMORY_BYTES = 32 << 20
 # --------------------------------------------------------------------------
 # canonical output values
 
-_ATTR_TYPES = (str, int, float, bool, type(None))
-
-
-def _canonical_attr(value: Any, where: str) -> Any:
-    if isinstance(value, _ATTR_TYPES):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise TypeError(f"{where}: non-finite float {value!r} cannot be stored as an attr")
-        return value
-    if isinstance(value, list | tuple):
-        return tuple(_canonical_attr(v, where) for v in value)
-    raise TypeError(
-        f"{where}: a node output value must be a numpy array, a Blob, or str/int/float/"
-        f"bool/None (or tuples of them), not {type(value).__name__}"
-    )
-
-
-def canonical_output(value: Any, *, node: str = "node", allow_blobs: bool = True) -> Any:
-    """The canonical form of a node's return value (what is keyed and stored).
-
-    numpy scalars become 0-d arrays, lists become tuples, arrays become
-    C-contiguous; anything else raises :class:`TypeError` naming the node.
-    """
-    if isinstance(value, np.generic):
-        value = np.asarray(value)
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise TypeError(f"node {node!r} returned an array of dtype object")
-        if value.dtype.kind in "USV":
-            raise TypeError(
-                f"node {node!r} returned an array of dtype {value.dtype}: strings are stored "
-                "as attrs (return a tuple of str), arrays must be numeric or bool"
-            )
-        return np.require(value, requirements="C")
-    if isinstance(value, Blob):
-        if not allow_blobs:
-            raise TypeError(f"node {node!r}: item nodes cannot return Blobs; return an array")
-        return value
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str) or not k or k.startswith(("_", ".")) or "/" in k:
-                raise TypeError(
-                    f"node {node!r}: output field names must be non-empty strings without "
-                    f"'/' that don't start with '_' or '.', got {k!r}"
-                )
-            if isinstance(v, np.ndarray | np.generic | Blob):
-                out[k] = canonical_output(v, node=node, allow_blobs=allow_blobs)
-            else:
-                out[k] = _canonical_attr(v, f"node {node!r} field {k!r}")
-        return out
-    raise TypeError(
-        f"node {node!r} returned {type(value).__name__}; a node returns a numpy array, a Blob, "
-        "or a dict of arrays, Blobs and small JSON-able values"
-    )
-
-
-def _split(value: Any) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Blob]]:
-    if isinstance(value, np.ndarray):
-        return {_BARE: value}, {}, {}
-    if isinstance(value, Blob):
-        return {}, {}, {_BARE: value}
-    arrays = {k: v for k, v in value.items() if isinstance(v, np.ndarray)}
-    blobs = {k: v for k, v in value.items() if isinstance(v, Blob)}
-    attrs = {k: v for k, v in value.items() if k not in arrays and k not in blobs}
-    return arrays, attrs, blobs
-
-
-def _untuple(v: Any) -> Any:
-    return [_untuple(x) for x in v] if isinstance(v, tuple) else v
-
-
-def _retuple(v: Any) -> Any:
-    return tuple(_retuple(x) for x in v) if isinstance(v, list) else v
-
 
 # --------------------------------------------------------------------------
 # recipes
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What produced a pack or object: the node-level part of every item's recipe."""
-
-    node: str
-    step: str
-    version: int | str
-    fingerprint: str
-    params: dict
-    prefix: str  # hex of the node-level key (name, version, fingerprint, params)
-
-    def to_json(self) -> dict:
-        return {
-            "node": self.node,
-            "step": self.step,
-            "version": self.version,
-            "fingerprint": self.fingerprint,
-            "params": {k: _untuple(v) for k, v in self.params.items()},
-            "prefix": self.prefix,
-        }
-
-
-@lru_cache(maxsize=1)
-def environment() -> dict:
-    """Library versions and host, recorded in every manifest (not in keys)."""
-    import importlib.metadata as md
-
-    libs = {}
-    for name in (
-        "numpy",
-        "zarr",
-        "dask",
-        "distributed",
-        "pydicom",
-        "Pillow",
-        "scikit-image",
-        "scikit-learn",
-        "torch",
-        "onnxruntime",
-        "annoy",
-    ):
-        with contextlib.suppress(md.PackageNotFoundError):
-            libs[name] = md.version(name)
-    libs["python"] = platform.python_version()
-    return {"libs": libs, "host": hostname()}
-
-
-@dataclass
-class ItemResult:
-    """One item's outcome, as a task hands it to :func:`write_pack`."""
-
-    id: str
-    rkey: bytes
-    inputs: tuple[bytes, ...]
-    value: Any = None  # canonical output, when it succeeded
-    ckey: bytes | None = None
-    error: dict | None = None  # {"type", "reason", "traceback"} when it failed
-    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------
@@ -332,7 +195,7 @@ def write_pack(
         "n": len(ok),
         "ids": [r.id for r in ok],
         "rkeys": "".join(r.rkey.hex() for r in ok),
-        "ckeys": "".join(r.ckey.hex() for r in ok),  # type: ignore[union-attr]
+        "ckeys": "".join(r.ckey.hex() for r in ok),  # type: ignore[union-attr]  # ok: computed
         "inputs": ["".join(k.hex() for k in r.inputs) for r in ok],
         "seconds": [round(r.seconds, 6) for r in ok],
         "fields": fields,
@@ -342,54 +205,13 @@ def write_pack(
                 "id": r.id,
                 "rkey": r.rkey.hex(),
                 "inputs": "".join(k.hex() for k in r.inputs),
-                **r.error,  # type: ignore[dict-item]
+                **r.error,  # type: ignore[dict-item]  # an error: a dict
             }
             for r in failed
         ],
     }
     manifest.update(extra or {})
     _publish(store, base, manifest, written)
-    return manifest
-
-
-def write_object(
-    store: Store, recipe: Recipe, rkey: bytes, inputs: Sequence[bytes], result: ItemResult
-) -> dict:
-    """Write a set node's output (or its failure) and publish its manifest.
-
-    ``inputs`` are the digests the recipe key was derived from: one per input
-    (for an ``"all"`` input, :func:`flow.keys.items_key` of its items).
-    """
-    payload = uuid.uuid4().hex
-    base = f"objects/{recipe.node}/{Key(rkey).hex()}"
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "kind": "object",
-        **recipe.to_json(),
-        **environment(),
-        "pid": os.getpid(),
-        "created": time.time(),
-        "rkey": Key(rkey).hex(),
-        "inputs": "".join(bytes(k).hex() for k in inputs),
-        "seconds": round(result.seconds, 6),
-    }
-    if result.error is not None:
-        manifest["failure"] = result.error
-    else:
-        arrays, attrs, blobs = _split(result.value)
-        written = _write_arrays(store, f"{base}/{payload}", arrays) if arrays else []
-        blob_meta = {}
-        for name, blob in blobs.items():
-            store.put(f"{base}/{payload}/{name}.blob", blob.data)
-            blob_meta[name] = {"size": len(blob.data), "key": bytes_key(blob.data).hex()}
-        manifest.update(
-            payload=payload,
-            ckey=Key(result.ckey).hex(),  # type: ignore[arg-type]
-            arrays={n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()},
-            blobs=blob_meta,
-            attrs={k: _untuple(v) for k, v in attrs.items()},
-        )
-    _publish(store, base, manifest, written if result.error is None else [])
     return manifest
 
 
@@ -541,7 +363,7 @@ class PackReader:
         except Exception as e:
             raise CorruptObject(f"pack {self.node}/{self.pack_id}: cannot read ({e})") from e
         attrs = self.manifest["attrs"]
-        out = []
+        out: list[Any] = []
         for i, p in enumerate(positions):
             if list(fields) == [_BARE] and not attrs:
                 out.append(cols[_BARE][i])
@@ -581,82 +403,3 @@ def _check_chunks(store: Store, path: str, arr: Any) -> None:
     for where in _chunk_files(path, arr):
         if not store.exists(where):
             raise CorruptObject(f"{where}: chunk file is missing")
-
-
-def read_object_manifest(store: Store, node: str, rkey: bytes) -> dict | None:
-    where = f"objects/{node}/{Key(rkey).hex()}.json"
-    try:
-        return loads(store.get(where), where)
-    except FileNotFoundError:
-        return None
-
-
-def read_object(store: Store, node: str, rkey: bytes, manifest: dict | None = None) -> Any:
-    """The stored value of a set node's output."""
-    doc = manifest or read_object_manifest(store, node, rkey)
-    if doc is None:
-        raise StoreError(f"object {node}/{Key(rkey).hex()} is not in the store")
-    if "failure" in doc:
-        raise StoreError(f"object {node}/{Key(rkey).hex()} is a recorded failure")
-    base = f"objects/{node}/{Key(rkey).hex()}/{doc['payload']}"
-    value: dict[str, Any] = {}
-    if doc["arrays"]:
-        import zarr
-
-        zs = store.zarr(base, read_only=True)
-        for name, meta in doc["arrays"].items():
-            try:
-                z = zarr.open_array(zs, path=name, mode="r", zarr_format=3)
-                expect = math.prod(meta["shape"]) if meta["shape"] else 1
-                if not _same_dtype(z.dtype, meta["dtype"]) or z.size != expect:
-                    raise ValueError(
-                        f"array is {z.shape} {z.dtype}, the manifest says "
-                        f"{meta['shape']} {meta['dtype']}"
-                    )
-                _check_chunks(store, f"{base}/{name}", z)
-                arr = z[...].reshape(meta["shape"])
-            except CorruptObject:
-                raise
-            except Exception as e:
-                raise CorruptObject(f"object {node}/{Key(rkey).hex()}: array {name}: {e}") from e
-            value[name] = arr
-    for name, meta in doc["blobs"].items():
-        try:
-            data = store.get(f"{base}/{name}.blob")
-        except FileNotFoundError:
-            raise CorruptObject(f"object {node}/{Key(rkey).hex()}: blob {name} missing") from None
-        if len(data) != meta["size"] or bytes_key(data).hex() != meta["key"]:
-            raise CorruptObject(f"object {node}/{Key(rkey).hex()}: blob {name} checksum mismatch")
-        value[name] = Blob(data)
-    for name, v in doc["attrs"].items():
-        value[name] = _retuple(v)
-    if set(value) == {_BARE}:
-        return value[_BARE]
-    return value
-
-
-def object_blob_path(store: Store, node: str, rkey: bytes, manifest: dict, name: str) -> str:
-    """Store path of one blob of an object (for readers that map files)."""
-    return f"objects/{node}/{Key(rkey).hex()}/{manifest['payload']}/{name}.blob"
-
-
-def output_key(value: Any) -> Key:
-    """The content key of a canonical output value."""
-    return key(value)
-
-
-__all__ = [
-    "FORMAT",
-    "ItemResult",
-    "PackReader",
-    "Recipe",
-    "canonical_output",
-    "environment",
-    "loads",
-    "object_blob_path",
-    "output_key",
-    "read_object",
-    "read_object_manifest",
-    "write_object",
-    "write_pack",
-]

@@ -94,7 +94,7 @@ def move_ref(
     name: str,
     value: dict[str, Any],
     *,
-    objects: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    objects: list[tuple[str, str]] = (),  # type: ignore[assignment]  # read only
     message: str = "",
 ) -> dict:
     """Point ref ``name`` at ``value``; returns the new entry.

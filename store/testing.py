@@ -42,21 +42,21 @@ from flow.keys import key
 from flow.values import Blob
 from store.abc import Store
 from store.catalog import Catalog, load_catalog
-from store.packs import (
-    ItemResult,
-    PackReader,
-    Recipe,
-    canonical_output,
-    read_object,
-    read_object_manifest,
-    write_object,
-    write_pack,
-)
+from store.objects import read_object, read_object_manifest, write_object
+from store.outputs import ItemResult, Recipe, canonical_output
+from store.packs import PackReader, write_pack
 from store.refs import list_refs, move_ref, read_ref, ref_history
 
 __all__ = ["StoreTests", "run_threads", "store_model_test"]
 
 INVALID_PATHS = ("..", "../escape", "a/../../escape", "/abs/escape", "a//b", "a/./b", "a/", "a\\b")
+
+
+def _current(store: Store, name: str) -> dict:
+    """The current entry of ref ``name`` (which must exist)."""
+    entry = read_ref(store, name)
+    assert entry is not None, f"no ref {name!r}"
+    return entry
 
 
 def run_threads(n: int, target: Callable[[int], Any]) -> list[Any]:
@@ -232,7 +232,11 @@ class StoreTests:
             pytest.skip(f"{type(store).__name__} does not promise an atomic put_if_absent")
         for trial in range(5):
             path = f"race/{trial}"
-            won = run_threads(8, lambda i, p=path: store.put_if_absent(p, f"writer {i}".encode()))
+
+            def put(i: int, p: str = path) -> bool:
+                return store.put_if_absent(p, f"writer {i}".encode())
+
+            won = run_threads(8, put)
             assert sum(won) == 1, won
             assert store.get(path) == f"writer {won.index(True)}".encode()
 
@@ -328,7 +332,7 @@ class StoreTests:
             entry = move_ref(store, "team/best", {"index": i}, message=f"move {i}")
             assert entry["seq"] == i + 1
         move_ref(store, "other", {"index": 9})
-        assert read_ref(store, "team/best")["value"] == {"index": 3}
+        assert _current(store, "team/best")["value"] == {"index": 3}
         hist = ref_history(store, "team/best")
         assert [e["value"]["index"] for e in hist] == [0, 1, 2, 3]
         assert [e["seq"] for e in hist] == [1, 2, 3, 4]
@@ -355,14 +359,14 @@ class StoreTests:
         assert sorted((e["value"]["t"], e["value"]["m"]) for e in hist) == [
             (t, m) for t in range(n) for m in range(moves)
         ]
-        assert read_ref(store, "shared")["seq"] == n * moves
+        assert _current(store, "shared")["seq"] == n * moves
 
     def test_move_ref_refuses_missing_objects(self, store: Store) -> None:
         rk = bytes(key("index"))
         move_ref(store, "prod", {"v": 1})
         with pytest.raises(StoreError, match="not complete"):
             move_ref(store, "prod", {"v": 2}, objects=[("index", rk.hex())])
-        assert read_ref(store, "prod")["value"] == {"v": 1}
+        assert _current(store, "prod")["value"] == {"v": 1}
         value = canonical_output(np.zeros(3))
         write_object(
             store, _recipe("index"), rk, [], ItemResult("", rk, (), value, bytes(key(value)))
@@ -494,7 +498,8 @@ class StoreTests:
             "", rk, (), error={"type": "ValueError", "reason": "no", "traceback": ""}
         )
         write_object(store, _recipe("obj"), rk, [], result)
-        assert read_object_manifest(store, "obj", rk)["failure"]["reason"] == "no"
+        manifest = read_object_manifest(store, "obj", rk)
+        assert manifest is not None and manifest["failure"]["reason"] == "no"
         with pytest.raises(StoreError, match="recorded failure"):
             read_object(store, "obj", rk)
         with pytest.raises(StoreError, match="not in the store"):

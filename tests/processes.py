@@ -37,8 +37,9 @@ from engine.executors import get_executor
 from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
 from flow.keys import key
 from store import open_store
-from store.catalog import ObjectCatalog, load_catalog
-from store.packs import PackReader, read_object
+from store.catalog import load_catalog
+from store.objects import read_object, read_object_manifests
+from store.packs import PackReader
 
 ITEM_NODES = ("parsed", "smoothed", "histogram")
 SET_NODES = ("mean_histogram",)
@@ -401,7 +402,7 @@ def store_content(st: Any) -> Content:
         ids[node] = set(cat.ids)
         rows[node] = len(cat)
     for node in SET_NODES:
-        docs = [d for d in ObjectCatalog(st, node).manifests() if "failure" not in d]
+        docs = [d for d in read_object_manifests(st, node) if "failure" not in d]
         pairs[node] = {(bytes.fromhex(d["rkey"]), bytes.fromhex(d["ckey"])) for d in docs}
         values[node] = {}
         for d in docs:

@@ -44,9 +44,10 @@ from flow import Blob, Items, node
 from flow.graph import Graph
 from flow.plan import FAILED, FRESH, plan
 from store import open_store
-from store.catalog import ObjectCatalog, load_catalog
+from store.catalog import load_catalog
 from store.local import LocalStore
 from store.maintenance import collect, verify
+from store.objects import load_objects
 from tests.processes import (
     BUILD_SCRIPT,
     BUILD_TIMEOUT,
@@ -534,7 +535,7 @@ def test_corrupt_object_blob(tmp_path):
     assert len(corrupt) == 1 and "quarantined" in corrupt[0].reason, rep.failures
     assert len(corrupt) + len(gone) == len(rep.failures) == 2, rep.failures
     assert rkey in quarantined(root)
-    assert ObjectCatalog(st, "blob_model").get(bytes.fromhex(rkey)) is None
+    assert load_objects(st, "blob_model").get(bytes.fromhex(rkey)) is None
     # ... and the next one refits it, byte for byte, and scores every item
     rep = _blob_build(root, data, 2.0)
     assert rep.ok, rep.failures
@@ -629,7 +630,7 @@ def gc_now(root: Path, data: Path, params: dict, grace: float) -> Any:
     items, _ = synthetic_inputs(data, None)
     g = synthetic_graph(params)
     cats = {n: load_catalog(st, n, write_cache=False) for n in ITEM_NODES}
-    objs = {n: ObjectCatalog(st, n) for n in SET_NODES}
+    objs = {n: load_objects(st, n) for n in SET_NODES}
     p = plan(g, items, cats, objs, reasons=False)
     live_items: dict[str, set] = {}
     live_objects: set = set()

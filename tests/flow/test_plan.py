@@ -17,8 +17,9 @@ import pytest
 
 from flow import Items, node
 from flow.graph import Graph, Input, Step, cull, phases, toposort
-from flow.keys import item_key, items_key, key
-from flow.plan import ItemTable, Previous, Status, params_json, plan, stale_rows
+from flow.keys import item_key, items_key, key, params_json
+from flow.plan import ItemTable, Status, plan, stale_rows
+from flow.snapshot import Previous
 
 F, M, X, B, P = Status.FRESH, Status.MISSING, Status.FAILED, Status.BLOCKED, Status.PENDING
 
@@ -559,35 +560,76 @@ def _same_plans(a, b) -> None:
 
 def test_store_catalogs_and_the_recipe_cache_plan_like_dicts(tmp_path):
     from store import open_store
-    from store.catalog import RecipeMemo
+    from store.catalog import load_recipes, save_recipes
 
     g = pipeline()
     items = table(4)
     cats, objs = stores(g)
     build(g, items, cats, objs, fail=[("feature", 1)])
-    memo = RecipeMemo(open_store(tmp_path / "s"), "feature")
+    st = open_store(tmp_path / "s")
+
+    def fast_catalogs():  # as a new process loads them: the memo from the store
+        return {n: _StoreCatalog(c, load_recipes(st, n)) for n, c in cats.items()}
+
     for retry in (False, True):
         for reasons in (False, True):
             want = plan(g, items, cats, objs, retry_failed=retry, reasons=reasons)
-            fast = {n: _StoreCatalog(c, memo if n == "feature" else None) for n, c in cats.items()}
             for _ in range(2):  # the second time from the recipe cache
+                fast = fast_catalogs()
                 got = plan(g, items, fast, objs, retry_failed=retry, reasons=reasons)
                 _same_plans(got, want)
+                save_recipes(st, fast, got)
+            assert not got.memos  # the second time, nothing was derived anew
     assert states(want, "feature") == [F, M, F, F] and want.steps["feature"].reasons[1] == "retry"
     # a damaged or foreign cache entry is derived again
-    fast = {n: _StoreCatalog(c, RecipeMemo(memo.store, n)) for n, c in cats.items()}
-    path = memo._path("feature")
-    assert memo.store.exists(path)
-    data = bytearray(memo.store.get(path))
-    data[-1] ^= 1
-    memo.store.put(path, bytes(data))
-    _same_plans(plan(g, items, fast, objs), plan(g, items, cats, objs))
-    assert memo.store.get(path) != bytes(data)  # derived again and rewritten
+    path = next(f"cache/recipes/feature/{n}" for n in st.list("cache/recipes/feature"))
+    data = bytearray(st.get(path))
+    data[-5] ^= 1
+    st.put(path, bytes(data))
+    fast = fast_catalogs()
+    again = plan(g, items, fast, objs)
+    _same_plans(again, plan(g, items, cats, objs))
+    assert "feature" in again.memos.get("feature", {})  # derived again ...
+    save_recipes(st, fast, again)
+    assert st.get(path) != bytes(data)  # ... and rewritten
     other = ItemTable(
         items.ids, items.splits, {"files": [bytes(key(("new", i))) for i in range(4)]}
     )
-    fast = {n: _StoreCatalog(c, RecipeMemo(memo.store, n)) for n, c in cats.items()}
-    _same_plans(plan(g, other, fast, objs), plan(g, other, cats, objs))
+    _same_plans(plan(g, other, fast_catalogs(), objs), plan(g, other, cats, objs))
+
+
+def test_the_planner_reads_nothing_but_its_arguments(tmp_path):
+    """Holdings loaded from a real store, then every method of that store raises:
+    plan() still plans (it does no I/O), and returns the recipe keys it derived."""
+    from engine.builder import build as run_build
+    from engine.builder import load_holdings
+    from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
+    from store import open_store
+
+    write_synthetic_files(tmp_path / "data", 6)
+    real = open_store(tmp_path / "store")
+    g = synthetic_graph()
+    items, sources = synthetic_inputs(tmp_path / "data", real)
+    assert run_build(g, items, sources, real).ok
+
+    class Store:
+        """The real store until ``broken``; then any use raises."""
+
+        broken = False
+
+        def __getattr__(self, name):
+            if Store.broken:
+                raise AssertionError(f"the planner used the store: .{name}")
+            return getattr(real, name)
+
+    cats, objs = load_holdings(Store(), g)
+    Store.broken = True
+    p = plan(g, items, cats, objs, reasons=True)
+    assert p.done
+    assert all(sp.count(Status.FRESH) == len(sp.status) for sp in p.steps.values())
+    # a new planning of the same holdings from scratch: the recipe keys come back
+    # in p.memos for the caller to keep (nothing was remembered before: no memo file)
+    assert set(p.memos) <= {s.node_name for s in g.values() if s.kind == "item"}
 
 
 def test_set_digests_match_items_key_for_any_ids():

@@ -26,7 +26,8 @@ from engine.executors import get_executor
 from engine.testing import synthetic_graph, synthetic_inputs, write_synthetic_files
 from flow.errors import ConfigError, FlowError
 from store import open_store
-from store.catalog import ObjectCatalog, load_catalog
+from store.catalog import load_catalog
+from store.objects import read_object_manifests
 from store.refs import read_ref
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def content_keys(st) -> dict[str, set[tuple[bytes, bytes]]]:
     for node in ("parsed", "smoothed", "histogram"):
         cat = load_catalog(st, node, write_cache=False)
         out[node] = {(cat.rkeys[r].tobytes(), cat.ckey(r)) for r in range(len(cat))}
-    docs = ObjectCatalog(st, "mean_histogram").manifests()
+    docs = read_object_manifests(st, "mean_histogram")
     out["mean_histogram"] = {(d["rkey"], d["ckey"]) for d in docs if "failure" not in d}
     return out
 

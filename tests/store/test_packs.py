@@ -15,20 +15,13 @@ import pytest
 
 from flow.errors import CorruptObject, StoreError
 from flow.keys import key
-from flow.plan import Previous
+from flow.snapshot import Previous
 from flow.values import Blob
 from store import open_store
-from store.catalog import ObjectCatalog, load_catalog
-from store.packs import (
-    ItemResult,
-    PackReader,
-    Recipe,
-    canonical_output,
-    loads,
-    read_object,
-    write_object,
-    write_pack,
-)
+from store.catalog import load_catalog
+from store.objects import load_objects, read_object, read_object_manifests, write_object
+from store.outputs import ItemResult, Recipe, canonical_output
+from store.packs import PackReader, loads, write_pack
 
 
 @pytest.fixture
@@ -194,19 +187,26 @@ def test_catalog_first_copy_wins(store):
 
 
 def test_object_catalog(store):
-    objects = ObjectCatalog(store, "fit")
     rk1, rk2, rk3 = (bytes(key(("fit", i))) for i in range(3))
     value = canonical_output(np.arange(3))
     done = ItemResult("", rk1, (), value, bytes(key(value)))
     write_object(store, recipe("fit", version=1), rk1, [b"a" * 16], done)
     failure = ItemResult("", rk2, (), error={"type": "E", "reason": "r", "traceback": ""})
     write_object(store, recipe("fit", version=2, k=3), rk2, [b"b" * 16], failure)
+    objects = load_objects(store, "fit")
     assert objects.get(rk1).ckey == bytes(key(value)) and not objects.get(rk1).failed
     assert objects.get(rk2).failed and objects.get(rk2).ckey is None
     assert objects.get(rk3) is None
-    assert [d["version"] for d in objects.manifests()] == [1, 2]
+    assert [d["version"] for d in read_object_manifests(store, "fit")] == [1, 2]
     assert objects.previous("fit") == Previous("2", "f" * 32, '{"k":3}', (b"b" * 16).hex())
     assert objects.previous("elsewhere") is None
+    assert objects.get(rk2).failure["reason"] == "r"
+    # loaded again: from the cache, the same states; an object collected since is gone
+    again = load_objects(store, "fit")
+    assert again.states == objects.states
+    store.delete([f"objects/fit/{rk1.hex()}.json"])
+    assert load_objects(store, "fit").get(rk1) is None
+    assert load_objects(store, "fit").get(rk2) == objects.get(rk2)
 
 
 # --------------------------------------------------------------------------
