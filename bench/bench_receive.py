@@ -164,8 +164,9 @@ def searchable(items: int, n_studies: int, settle: float) -> dict:
                 time.sleep(max(0.0, start + s - time.monotonic()))  # one study a second
 
                 def one(s=s, part=part) -> None:
-                    send(part, port)
-                    acked[s] = time.monotonic()
+                    if proc.poll() is None:
+                        send(part, port)
+                        acked[s] = time.monotonic()
 
                 t = threading.Thread(target=one)
                 t.start()
@@ -175,10 +176,13 @@ def searchable(items: int, n_studies: int, settle: float) -> dict:
 
         snd = threading.Thread(target=sender)
         snd.start()
-        _watch(root, studies, acked, searchable_at, snd, n_studies)
-        snd.join()
-        _stop(proc)
-        text = log.read_text()
+        try:
+            _watch(root, studies, acked, searchable_at, snd, n_studies)
+        finally:
+            snd.join()
+            _stop(proc)
+            text = log.read_text()
+            print(text[-3000:] if proc.returncode else "", flush=True)
         own = [float(m) for m in re.findall(r"searchable ([0-9.]+) s after the first", text)]
         own_last = [float(m) for m in re.findall(r"\(([0-9.]+) s after the last\)", text)]
         lat = sorted(searchable_at[s] - acked[s] for s in searchable_at)
