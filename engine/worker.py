@@ -170,16 +170,19 @@ class CorruptInput(FlowError):
 
 
 def _read_source(path: str, expected: bytes | None) -> bytes:
+    # the reasons name no path: they are stored with the item (in its pack's
+    # manifest), and a folder may be named after a patient; the item's id leads
+    # the user who has the sources to the file
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise SourceChanged(f"source file {path} disappeared during the build") from None
+        raise SourceChanged("the source file disappeared during the build") from None
     except OSError as e:
-        raise ItemError(f"cannot read source file {path}: {e.strerror or e}") from None
+        raise ItemError(f"cannot read the source file: {e.strerror or e}") from None
     if expected is not None and bytes_key(data) != expected:
         raise SourceChanged(
-            f"source file {path} changed while the build was running; the next build "
+            "the source file changed while the build was running; the next build "
             "picks up the new content"
         )
     return data
