@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, NamedTuple
 
 __all__ = ["Limits", "Sandbox", "borrowed", "format_size"]
@@ -283,15 +284,19 @@ def _close_all() -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when its parent dies (even mid-item)."""
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
+    """Exit when the parent process is gone, even in the middle of an item.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    A thread watches the parent's pid (``PR_SET_PDEATHSIG`` would fire when the
+    parent *thread* that started this child ends -- a pool thread, between builds)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, daemon=True, name="flow-sandbox-parent").start()
 
 
 def _mapped() -> int | None:

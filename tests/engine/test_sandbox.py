@@ -119,8 +119,8 @@ def test_a_build_goes_on_past_a_hanging_item(tmp_path):
     refs = SourceRefs({"files": [FileRef(str(tmp_path / i), k) for i, k in zip(ids, keys)]})
     store = open_store(str(tmp_path / "store"))
     with ThreadExecutor(2) as ex:
-        rep = build(g, items, refs, store, ex, limits=Limits(1.0, 256 << 20))
+        rep = build(g, items, refs, store, ex, limits=Limits(3.0, 256 << 20))
     why = {f.id: f.reason for f in rep.failures}
-    assert why == {"h": "timed out after 1 s", "g": "exceeded 256 MiB"}, why
+    assert why == {"h": "timed out after 3 s", "g": "exceeded 256 MiB"}, why
     assert rep.steps["spins"].computed == 2
     assert all(f.bad_input for f in rep.failures)
