@@ -14,9 +14,10 @@
 ``python bench/bench_receive.py throughput [--runs 5]``
     The DICOM corpus of ``../shared/data/dicom`` and pydicom's test files
     (pydicom-data) sent with storescu -- to ``flow receive --no-build`` and, in the
-    same run, alternating, to dcmtk's own ``storescp`` (``+xa``, writing every
-    instance to a folder, no fsync); a fresh folder per run.  Instances per second
-    acknowledged; median of ``--runs``.
+    same run, alternating, to dcmtk's own ``storescp`` (``+xa -dhl``, writing every
+    instance to a folder, no fsync) and to a bare pynetdicom SCP whose handler
+    stores nothing (pynetdicom's own ceiling); a fresh folder per run.  Instances
+    per second acknowledged; median of ``--runs``.
 
 ``python bench/bench_receive.py sandbox [--items 10000] [--runs 3]``
     Full builds of bench_incremental's catalog with the per-item limits on (decode
@@ -268,15 +269,18 @@ def throughput(runs: int) -> dict:
     from tests.dicomnet import acknowledged, corpus, dcmtk, free_port, pydicom_data_roots, send
 
     files = corpus(SHARED / "dicom") + corpus(*pydicom_data_roots())
-    ours, theirs = [], []
+    ours, theirs, ceiling = [], [], []
     tmp = Path(tempfile.mkdtemp(prefix="flow-rx-"))
     try:
         for r in range(runs):
-            for who in ("flow", "storescp") if r % 2 == 0 else ("storescp", "flow"):
+            order = ("flow", "storescp", "null") if r % 2 == 0 else ("null", "storescp", "flow")
+            for who in order:
                 port = free_port()
                 out = tmp / f"{who}{r}"
                 out.mkdir()
-                if who == "flow":
+                if who == "null":  # pynetdicom's own ceiling: a handler that stores nothing
+                    proc = _null_scp(port)
+                elif who == "flow":
                     from app.project import write_project
 
                     write_project(out, {"store": {"url": "store"},
@@ -295,7 +299,7 @@ def throughput(runs: int) -> dict:
                     n += len(acknowledged(send(files[lo : lo + 60], port, check=False)))
                 dt = time.perf_counter() - t0
                 _stop(proc)
-                (ours if who == "flow" else theirs).append(n / dt)
+                {"flow": ours, "storescp": theirs, "null": ceiling}[who].append(n / dt)
                 print(f"  run {r + 1} {who}: {n} instances in {dt:.2f} s = {n / dt:.1f}/s",
                       flush=True)  # fmt: skip
     finally:
@@ -307,10 +311,32 @@ def throughput(runs: int) -> dict:
         "flow_per_s": round(statistics.median(ours), 1),
         "storescp_per_s": round(statistics.median(theirs), 1),
         "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+        "pynetdicom_null_handler_per_s": round(statistics.median(ceiling), 1),
         "runs": runs,
         "storescp_options": " ".join(STORESCP),
         "load": _load(),
     }
+
+
+def _null_scp(port: int) -> subprocess.Popen:
+    """A pynetdicom Storage SCP configured as flow receive's, whose handler only
+    answers success: what pynetdicom itself costs per instance."""
+    code = f"""
+import time
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+ae = AE(ae_title="FLOW")
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+ae.maximum_pdu_size = 0
+ae.start_server(("127.0.0.1", {port}), block=False,
+                evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+print("listening", flush=True)
+while True:
+    time.sleep(1)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and "listening" in proc.stdout.readline()
+    return proc
 
 
 # --------------------------------------------------------------------------
