@@ -77,6 +77,8 @@ def assign(
     db = sorted(database)
     if not db:
         return []
+    if len(previous) == 1 and still_fresh[0] and previous[0] == db:  # nothing changed
+        return [db]
     present = set(db)
     kept = [
         sorted(seg) for seg, ok in zip(previous, still_fresh) if ok and seg and set(seg) <= present

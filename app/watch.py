@@ -115,6 +115,21 @@ class _Notifications:
         self._observer.join(timeout=5)
 
 
+def _labels_stats(project: Any) -> tuple:
+    """(size, mtime) of every labels CSV: a changed CSV changes the items' labels."""
+    out = []
+    for src in project.sources:
+        if src.labels is None:
+            out.append(None)
+            continue
+        try:
+            st = os.stat(src.labels)
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def only_sources(project: Any, folders: list[str] | tuple[str, ...]) -> None:
     """Keep only the project's sources at ``folders`` (each must be one of them:
     a :class:`ConfigError` names those that are not)."""
@@ -161,6 +176,11 @@ class Watcher:
         # item catalogs kept from build to build (refreshed from the store's
         # listing by each build): no cache file read or rewritten per build
         self._catalogs: dict = {}
+        # one build at a time: the watcher's own, or one handed over by a
+        # `flow build` (app.handoff)
+        self.lock = threading.RLock()
+        self._scanned: tuple | None = None  # (scans, labels files' stats, Project.items)
+        self._last_ws: tuple | None = None
 
     # -- finding changes --------------------------------------------------------------
 
@@ -269,11 +289,9 @@ class Watcher:
 
     # -- polling -------------------------------------------------------------------------
 
-    def poll(self) -> Any:
-        """Look for changes; build if something changed and everything changed has
-        settled (or nothing was built yet).  The :class:`app.workspace.Built`, or None."""
-        from app.workspace import Workspace
-
+    def _observe(self) -> tuple[dict, dict, float]:
+        """Scan (or read the notifications) and note what changed when: (scans,
+        snapshot, now)."""
         now = self.clock()
         scans, snap = self._scan()
         seen = self._seen
@@ -284,20 +302,59 @@ class Watcher:
             for path in seen.keys() - snap.keys():
                 self._changed_at[path] = now
             self._seen = snap
-        calm = all(now - t >= self.settle for t in self._changed_at.values())
-        if not (self.pending and (calm or self._built is None)):
-            return None
+        return scans, snap, now
+
+    def poll(self) -> Any:
+        """Look for changes; build if something changed and everything changed has
+        settled (or nothing was built yet).  The :class:`app.workspace.Built`, or None."""
+        from app.workspace import Workspace
+
+        with self.lock:
+            scans, snap, now = self._observe()
+            calm = all(now - t >= self.settle for t in self._changed_at.values())
+            if not (self.pending and (calm or self._built is None)):
+                return None
+            ws = Workspace(self.project, retrain=False, scans=scans)
+            built = ws.build(
+                "all",
+                scheduler=self.scheduler,
+                progress=False,
+                log=self.log,
+                catalogs=self._catalogs,
+            )
+            self._built = snap
+            self._changed_at = {p: t for p, t in self._changed_at.items() if now - t < self.settle}
+            return built
+
+    def workspace(self) -> tuple[Any, dict]:
+        """A workspace over the sources as they are now (what the notifications
+        say changed is read again), with this watcher's warm catalogs, for a
+        command handed over by ``flow build`` / ``flow status``; and the snapshot
+        it saw, for :meth:`built`.  Call it holding :attr:`lock`."""
+        from app.workspace import Workspace
+
+        scans, snap, _ = self._observe()
         ws = Workspace(self.project, retrain=False, scans=scans)
-        built = ws.build(
-            "all",
-            scheduler=self.scheduler,
-            progress=False,
-            log=self.log,
-            catalogs=self._catalogs,
-        )
+        ws.catalogs = self._catalogs
+        labels = _labels_stats(self.project)
+        last = self._scanned
+        if last is not None and (last[0] is scans or last[0] == scans) and last[1] == labels:
+            ws.scanned = last[2]  # the same files and labels: the same items
+        self._last_ws = (ws, scans, labels)
+        return ws, snap
+
+    def built(self, snap: dict) -> None:
+        """A handed-over build took in ``snap``: nothing there is pending any more."""
         self._built = snap
-        self._changed_at = {p: t for p, t in self._changed_at.items() if now - t < self.settle}
-        return built
+        self.done_with_workspace()
+
+    def done_with_workspace(self) -> None:
+        """Remember what the last :meth:`workspace` scanned, for the next one."""
+        if self._last_ws is not None:
+            ws, scans, labels = self._last_ws
+            if ws.scanned is not None:
+                self._scanned = (scans, labels, ws.scanned)
+            self._last_ws = None
 
     def close(self) -> None:
         """Stop listening for notifications."""

@@ -12,6 +12,7 @@ table are complete, and only if they changed.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,15 @@ class Workspace:
         self._items: tuple | None = None
         self._scans = scans  # sources scanned already (Project.items)
         self.source_log: Any = None  # progress lines of source listings (DICOMweb)
+        #: item catalogs kept warm by a long-lived caller (``flow watch``), by node
+        #: name: builds and plans refresh and use them instead of loading them
+        self.catalogs: dict | None = None
+        #: set (from another thread) to stop a build as a Ctrl-C would
+        self.cancel: threading.Event | None = None
+        #: what the project's sources gave (``Project.items``), before withdrawn items
+        #: and fits are applied: a caller that knows the sources did not change since
+        #: (``flow watch``) hands the last one in
+        self.scanned: tuple | None = None
 
     @classmethod
     def open(
@@ -187,9 +197,13 @@ class Workspace:
         out, so no index holds them and no fit trains on them again.
         """
         if self._items is None or refresh:
-            items, sources, meta = self.project.items(
-                self.store, scans=self._scans, log=self.source_log
-            )
+            if self.scanned is not None and not refresh:
+                items, sources, meta = self.scanned
+            else:
+                items, sources, meta = self.project.items(
+                    self.store, scans=self._scans, log=self.source_log
+                )
+                self.scanned = (items, sources, meta)
             self._scans = None  # a refresh scans again
             gone = self.forgotten()
             if gone["ids"] or gone["keys"]:
@@ -240,6 +254,16 @@ class Workspace:
     def _catalogs(self, graph: Graph, loaded: dict | None = None):
         from engine.builder import load_holdings
 
+        if loaded is None and self.catalogs is not None:
+            from store.catalog import refresh_catalog
+
+            loaded = self.catalogs
+            nodes = {s.node_name for s in graph.values() if s.kind == "item"}
+            for n in nodes & set(loaded):
+                refresh_catalog(self.store, loaded[n], cache_every=32)
+            cats, objs = load_holdings(self.store, graph, loaded)
+            loaded.update(cats)
+            return cats, objs
         return load_holdings(self.store, graph, loaded)
 
     def _plan(self, graph: Graph, cats: dict, objs: dict, **kw: Any) -> Plan:
@@ -326,7 +350,13 @@ class Workspace:
                 threads_below=self.project.threads_below,
                 security=tls_security(**{**self.project.tls, **(tls or {})}),
             )
-        kw = dict(retry_failed=retry_failed, fail_fast=fail_fast, progress=progress, log=log)
+        kw = dict(
+            retry_failed=retry_failed,
+            fail_fast=fail_fast,
+            progress=progress,
+            log=log,
+            cancel=self.cancel,
+        )
         try:
             if eval:
                 g = self.subgraph(names, eval=True)
@@ -339,7 +369,9 @@ class Workspace:
                 vectors = [v for t in names for v in self.targets[t]["index_inputs"]]
                 # the two builds share the item catalogs (the first keeps them
                 # current), and the second starts from the first's final plan
-                cats: dict = catalogs if catalogs is not None else {}
+                if catalogs is None:
+                    catalogs = self.catalogs if self.catalogs is not None else {}
+                cats: dict = catalogs
                 for cat in cats.values():
                     refresh_catalog(self.store, cat, cache_every=32)
                 first = self._run(cull(self.graph, vectors), executor, catalogs=cats, **kw)
@@ -384,7 +416,6 @@ class Workspace:
         is); ``catalogs``: item catalogs already loaded (by node name)."""
         from app.segments import Policy, assign, segment_steps
         from flow.plan import FRESH
-        from store.objects import read_object
         from store.refs import read_ref
 
         items = self.items()[0]
@@ -399,13 +430,16 @@ class Workspace:
                 fresh &= np.asarray(after.steps[v].status) == FRESH
             if db is not None:
                 fresh &= items.in_splits(db)
-            database = [items.ids[i] for i in np.flatnonzero(fresh).tolist()]
+            database = (
+                list(items.ids)
+                if fresh.all()
+                else [items.ids[i] for i in np.flatnonzero(fresh).tolist()]
+            )
             previous: list[list[str]] = []
             ref = read_ref(self.store, t)
             for seg in (ref or {}).get("value", {}).get("segments", []):
                 try:
-                    table = read_object(self.store, seg["table"][0], bytes.fromhex(seg["table"][1]))
-                    previous.append(list(table["ids"]))
+                    previous.append(_table_ids(self.store, seg["table"][0], seg["table"][1]))
                 except Exception:
                     previous.append([])
             ok = [False] * len(previous)
@@ -553,6 +587,24 @@ class Workspace:
         from app.evaluation import evaluate
 
         return evaluate(self, target, k or self.project.eval_k, **kw)
+
+
+_TABLE_IDS: dict[tuple[str, str, str], list[str]] = {}
+
+
+def _table_ids(store: Any, node: str, rkey: str) -> list[str]:
+    """The item ids of a stored item table; an object never changes under its key,
+    so a long-lived process (``flow watch``) reads each one once."""
+    from store.objects import read_object
+
+    k = (store.url, node, rkey)
+    ids = _TABLE_IDS.get(k)
+    if ids is None:
+        ids = list(read_object(store, node, bytes.fromhex(rkey))["ids"])
+        if len(_TABLE_IDS) > 64:
+            _TABLE_IDS.clear()
+        _TABLE_IDS[k] = ids
+    return ids
 
 
 def item_paths(path: str | Path | None = None, store: str | None = None) -> dict[str, str]:

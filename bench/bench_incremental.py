@@ -40,20 +40,21 @@ from pathlib import Path
 
 import numpy as np
 
-TOML = """
-[store]
-url = "store"
-[[sources]]
-path = "images"
-[targets.cnn]
-kind = "cnn"
-weights = "cnn.onnx"
-[targets.cnn.normalize]
-size = 64
-[targets.cnn.embedder]
-dim = 32
-size = 64
-"""
+
+def project(weights: str, images: str = "images", workers: int | None = None) -> dict:
+    """The benchmark's flow.toml (written by ``app.project.write_project``): one
+    source, one ``cnn`` target over the fixed network in ``weights``."""
+    cnn = {
+        "kind": "cnn",
+        "weights": weights,
+        "normalize": {"size": 64},
+        "embedder": {"dim": 32, "size": 64},
+    }
+    config: dict = {"store": {"url": "store"}, "sources": [{"path": images}]}
+    config["targets"] = {"cnn": cnn}
+    if workers is not None:
+        config["build"] = {"workers": workers}
+    return config
 
 
 def _images(folder: Path, start: int, n: int) -> None:
@@ -141,7 +142,7 @@ def run(
     net: str = "flow",
     notify: bool = True,
 ) -> dict:
-    from app.project import load_project
+    from app.project import load_project, write_project
     from app.watch import Watcher
     from app.workspace import Workspace
     from engine.executors import get_executor
@@ -149,8 +150,7 @@ def run(
     _images(root / "images", 0, items)
     weights = "cnn.pt" if net == "flow" else "cnn.onnx"
     (_flow_net if net == "flow" else _onnx)(root / weights)
-    toml = TOML.replace('weights = "cnn.onnx"', f'weights = "{weights}"')
-    (root / "flow.toml").write_text(toml + f"[build]\nworkers = {workers}\n")
+    write_project(root, project(weights, workers=workers))
     ex = get_executor("local", workers) if mode == "cluster" else None
     watcher = Watcher(load_project(root), settle=0, notify=notify) if mode == "watch" else None
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def _study(npz: Path, root: Path, size: int) -> None:
     from click.testing import CliRunner
     from PIL import Image
 
+    from app.project import write_project
     from cli.main import cli
 
     data = np.load(npz, allow_pickle=False)
@@ -59,13 +61,11 @@ def _study(npz: Path, root: Path, size: int) -> None:
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     res = CliRunner().invoke(cli, ["init", str(root), "--labels", "labels.csv"])
     assert res.exit_code == 0, res.output
-    toml = root / "flow.toml"
-    text = toml.read_text()
-    text = text.replace('# labels_column = "finding_labels"', 'labels_column = "label"')
-    text = text.replace("size = 64", f"size = {size}")
-    bovw = f'kind = "bovw"\n[targets.bovw.normalize]\nsize = {size}\n'
-    text = text.replace('kind = "bovw"\n', bovw)
-    toml.write_text(text)
+    config = tomllib.loads((root / "flow.toml").read_text())
+    config["sources"][0]["labels_column"] = "label"
+    config["targets"]["cnn"]["normalize"]["size"] = size
+    config["targets"]["bovw"]["normalize"] = {"size": size}
+    write_project(root, config)
 
 
 def main() -> None:

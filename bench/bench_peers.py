@@ -104,7 +104,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from bench_incremental import TOML, _images, _onnx  # noqa: E402
+from bench_incremental import _images, _onnx, project  # noqa: E402
 
 WORKERS = 2
 TREES = 50
@@ -277,10 +277,10 @@ def _version(exe: str) -> str:
 
 
 def _flow_project(folder: Path, images: Path, weights: Path) -> None:
+    from app.project import write_project
+
     folder.mkdir(parents=True)
-    toml = TOML.replace('path = "images"', f"path = {json.dumps(str(images))}")
-    toml = toml.replace('weights = "cnn.onnx"', f"weights = {json.dumps(str(weights))}")
-    (folder / "flow.toml").write_text(toml)
+    write_project(folder, project(str(weights), images=str(images)))
 
 
 def _bytecode() -> None:

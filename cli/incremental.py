@@ -146,24 +146,61 @@ def watch(ctx, folders, interval, settle, scheduler, poll_only, rescan):
         notify=not poll_only,
         rescan=rescan,
     )
+    service = _handoff_service(ctx, watcher)
     ctx.log(
         f"watching {', '.join(str(s.path) for s in project.sources)} "
         f"(every {interval:g} s, settle {settle:g} s, "
         + ("scanning every file" if poll_only else f"notified, full scan every {rescan:g} s")
         + "); Ctrl-C to stop"
+        + ("; `flow build` and `flow status` of this project run here" if service else "")
     )
     try:
         while not stop["now"]:
-            built = watcher.poll()
-            if built is not None:
-                click.echo(f"{time.strftime('%H:%M:%S')} {_summary(built)}", err=False)
-                sys.stdout.flush()
+            with watcher.lock:  # a handed-over command prints through sys.stdout too
+                built = watcher.poll()
+                if built is not None:
+                    click.echo(f"{time.strftime('%H:%M:%S')} {_summary(built)}", err=False)
+                    sys.stdout.flush()
             time.sleep(interval)
     except KeyboardInterrupt:
         pass
     finally:
+        if service is not None:
+            service.close()
         watcher.close()
     ctx.log("stopped")
+
+
+def _handoff_service(ctx, watcher):
+    """Take `flow build` and `flow status` of this project from other processes
+    (app.handoff), run on this watcher's view of the sources; None if another
+    process already takes them."""
+    from app.handoff import BuildService, command_of
+    from cli.main import Context, cli
+
+    project = watcher.project
+
+    def run(argv, cancel):
+        with watcher.lock:
+            ws, snap = watcher.workspace()
+            ws.cancel = cancel
+            obj = Context(ctx.project_path, ctx.store_url, 0, False)
+            obj._ws = ws
+            try:
+                cli.main(args=argv, prog_name="flow", obj=obj, standalone_mode=True)
+            except SystemExit as e:
+                if command_of(argv) == "build" and e.code in (0, 1):
+                    watcher.built(snap)  # what it built, the watcher need not build again
+                else:
+                    watcher.done_with_workspace()
+                raise
+            return 0
+
+    service = BuildService(str(project.file), ctx.store_url, run, log=ctx.debug)
+    if not service.start():
+        ctx.log("another process takes this project's handed-over builds; not this one")
+        return None
+    return service
 
 
 commands = [watch, forget, compact]

@@ -102,7 +102,10 @@ def cli(
     cctx: click.Context, project: str | None, store: str | None, verbose: int, quiet: bool
 ) -> None:
     """flow: build and keep fresh content-based medical image retrieval indices."""
-    cctx.obj = Context(project, store, verbose, quiet)
+    if isinstance(cctx.obj, Context):  # given by the caller (a handed-over command)
+        cctx.obj.verbose, cctx.obj.quiet = verbose, quiet
+    else:
+        cctx.obj = Context(project, store, verbose, quiet)
 
 
 def _register() -> None:
@@ -114,9 +117,19 @@ def _register() -> None:
             cli.add_command(cmd)
 
 
-_register()
+if __name__ == "__main__":  # python -m cli.main: the real module registers and runs
+    from cli.main import main as _main
+
+    _main()
+else:
+    _register()
 
 
 def main() -> None:
+    from app.handoff import try_handoff
+
+    code = try_handoff(sys.argv[1:])  # a running `flow watch` of the project takes it
+    if code is not None:
+        sys.exit(code)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cli(prog_name="flow")

@@ -210,12 +210,14 @@ class Builder:
         log: Callable[[str], None] | None = None,
         known: Mapping[str, Any] | None = None,
         catalogs: dict | None = None,
+        cancel: Any = None,
         limits: Any = None,
     ):
         """``known``: step plans still current (see :func:`flow.plan.plan`), used
         until this build runs something for them; ``catalogs``: item catalogs
         loaded (and kept current) by an earlier build of this process, by node
-        name -- the ones missing are loaded and added to it; ``limits``
+        name -- the ones missing are loaded and added to it; ``cancel``: an event
+        another thread sets to stop the build as a Ctrl-C would; ``limits``
         (:class:`engine.sandbox.Limits`): per-item time and memory limits of the
         steps that read source files (None: none)."""
         self.graph, self.items, self.sources = graph, items, sources
@@ -234,6 +236,7 @@ class Builder:
         cats, self.objects = load_holdings(store, graph, self.catalogs)
         self.catalogs.update(cats)
         self._known = dict(known or {})
+        self._cancel = cancel  # a threading.Event set from elsewhere: stop as at a Ctrl-C
         self.report: BuildReport | None = None
         self._failures: list[Failure] = []
         self._stop = False
@@ -551,7 +554,7 @@ class Builder:
         """Wait for any future, in short polls so that Ctrl-C is noticed between them."""
         while True:
             done, pending = self.executor.wait_any(futures, timeout=0.2)
-            if self._interrupted:
+            if self._interrupted or (self._cancel is not None and self._cancel.is_set()):
                 raise KeyboardInterrupt
             if done:
                 return done, pending
@@ -595,6 +598,8 @@ class Builder:
         p, p_at = before, self._submitted
         try:
             for item_steps, set_steps in phases(self.graph):
+                if self._cancel is not None and self._cancel.is_set():
+                    raise KeyboardInterrupt
                 if self._stop:
                     break
                 if item_steps and any(not p.steps[n].done for n in item_steps):

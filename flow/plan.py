@@ -234,8 +234,17 @@ def _plan_source(step: Step, items: ItemTable) -> StepPlan:
     keys = items.sources.get(step.name)
     if keys is None or len(keys) != len(items):
         raise ValueError(f"source {step.name!r}: the item table has no keys for it")
+    # the same item table plans its sources the same way every time: once per table
+    # (a list compare is a C loop over the same objects: cheap; the keys may have
+    # been changed in place since)
+    memo = items._masks.get(("source", step.name))
+    if memo is not None and memo[0] == keys:
+        return memo[1]
     status = np.fromiter((k is None for k in keys), np.int8, len(keys)) * np.int8(Status.BLOCKED)
-    return StepPlan(step.name, "source", status, list(keys), list(keys), [None] * len(keys))
+    copy = list(keys)
+    sp = StepPlan(step.name, "source", status, copy, copy, [None] * len(keys))
+    items._masks[("source", step.name)] = (list(keys), sp)
+    return sp
 
 
 _BAD = (FAILED, BLOCKED)
@@ -503,13 +512,28 @@ def _items_digest(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
     return digest
 
 
-def _items_digest_of(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
+# the byte layout of items_key's input for a list of ids and a row set, without the
+# content keys: (ids list, its length) -> rows bytes -> (buffer, positions of the keys).
+# Ids and rows rarely change between plans of a long-lived process, keys do.
+_LAYOUTS: dict[tuple[int, int], tuple[list[str], dict[bytes, tuple[np.ndarray, np.ndarray]]]] = {}
+
+
+def _digest_layout(ids: list[str], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    k = (id(ids), len(ids))
+    entry = _LAYOUTS.get(k)
+    if entry is None or entry[0] is not ids:
+        if len(_LAYOUTS) > 16:
+            _LAYOUTS.clear()
+        entry = _LAYOUTS[k] = (ids, {})
+    memo = rows.tobytes()
+    hit = entry[1].get(memo)
+    if hit is not None:
+        return hit
     n = len(rows)
     sel = ids if n == len(ids) else [ids[i] for i in rows.tolist()]
     joined = "".join(sel)
-    m = _key_matrix(up)
-    if not n or m is None or not joined.isascii():
-        return items_key(sel, [up.ckeys[i] for i in rows.tolist()])
+    if not joined.isascii():
+        return None
     # each item is <u4 length, the id's bytes, its content key (as in items_key)
     lens = np.fromiter(map(len, sel), np.int64, n)
     off = np.zeros(n, np.int64)
@@ -520,7 +544,23 @@ def _items_digest_of(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
     starts = np.zeros(n, np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
     out[np.repeat(off + 4 - starts, lens) + np.arange(len(raw))] = raw
-    out[((off + 4 + lens)[:, None] + np.arange(KEY_SIZE)).ravel()] = m[rows].ravel()
+    at = ((off + 4 + lens)[:, None] + np.arange(KEY_SIZE)).ravel()
+    if len(entry[1]) > 8:
+        entry[1].clear()
+    entry[1][memo] = (out, at)
+    return out, at
+
+
+def _items_digest_of(ids: list[str], rows: np.ndarray, up: StepPlan) -> bytes:
+    n = len(rows)
+    m = _key_matrix(up)
+    layout = _digest_layout(ids, rows) if n and m is not None else None
+    if layout is None:
+        sel = ids if n == len(ids) else [ids[i] for i in rows.tolist()]
+        return items_key(sel, [up.ckeys[i] for i in rows.tolist()])
+    template, at = layout
+    out = template.copy()
+    out[at] = m[rows].ravel()  # type: ignore[index]  # m is not None here
     return blake3(_ITEMS_DOMAIN + out.tobytes()).digest(KEY_SIZE)
 
 

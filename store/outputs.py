@@ -101,7 +101,12 @@ def _untuple(v: Any) -> Any:
 
 
 def _retuple(v: Any) -> Any:
-    return tuple(_retuple(x) for x in v) if isinstance(v, list) else v
+    """JSON lists back to the tuples they were (nested)."""
+    if not isinstance(v, list):
+        return v
+    if not any(isinstance(x, list) for x in v):  # flat (an index's 100k ids): one copy
+        return tuple(v)
+    return tuple(_retuple(x) for x in v)
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,15 @@ import pytest
 from app.project import Project, load_project
 from app.watch import _MISSING, Watcher
 from app.workspace import Workspace
-
-TOML = """
-[store]
-url = "store"
-[[sources]]
-path = "images"
-[targets.cnn]
-kind = "cnn"
-"""
+from tests.conftest import project_config, write_project
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
-    (tmp_path / "flow.toml").write_text(TOML)
+    config = project_config(
+        scheduler=None, sources={"path": "images"}, targets={"cnn": {"kind": "cnn"}}
+    )
+    write_project(tmp_path, config)
     (tmp_path / "images").mkdir()
     for i in range(3):
         (tmp_path / "images" / f"old{i}.png").write_bytes(b"png %d" % i)

@@ -20,41 +20,22 @@ from PIL import Image
 
 from app.phantoms import phantom_identifiers, phantom_image, write_bad_files, write_phantom_study
 from cli.main import cli
+from tests.conftest import project_config, write_project
 
 pytestmark = pytest.mark.slow
 
-TOML = """
-[store]
-url = "store"
-[build]
-scheduler = "sync"
-[[sources]]
-path = "."
-include = ["*.dcm", "*.png"]
-exclude = ["store/*", "extra/*"]
-labels = "labels.csv"
-[targets.cnn]
-kind = "cnn"
-[targets.cnn.normalize]
-size = 32
-[targets.cnn.embedder]
-epochs = 2
-dim = 16
-[targets.bovw]
-kind = "bovw"
-[targets.bovw.normalize]
-size = 64
-[targets.bovw.descriptors]
-n_segments = 40
-patch = 12
-[targets.bovw.vocabulary]
-words = 16
-sample = 2000
-[targets.codes]
-kind = "codes"
-[targets.codes.coder]
-bits = 16
-"""
+
+def study_config() -> dict:
+    """The study's flow.toml: every DICOM and PNG under the folder (not the store,
+    not ``extra/``), labeled by ``labels.csv``, into every target, tiny."""
+    return project_config(
+        sources={
+            "path": ".",
+            "include": ["*.dcm", "*.png"],
+            "exclude": ["store/*", "extra/*"],
+            "labels": "labels.csv",
+        }
+    )
 
 
 def run(root: Path, *args: str, code: int | None = 0) -> str:
@@ -85,7 +66,7 @@ def project(tmp_path_factory) -> Path:
         _png(root / "png" / f"p{i}.png", f, 100 + i)
         labels.append(f"png/p{i}.png,{'train' if i < 3 else 'val'},{'|'.join(f) or 'No Finding'}")
     (root / "labels.csv").write_text("\n".join(labels) + "\n")
-    (root / "flow.toml").write_text(TOML)
+    write_project(root, study_config())
     return root
 
 
@@ -264,8 +245,9 @@ def test_operator_commands(project, tmp_path):
 
 
 def test_bad_config_is_exit_2_with_the_key(project, tmp_path):
-    bad = tmp_path / "flow.toml"
-    bad.write_text(TOML.replace("epochs = 2", "epoch = 2"))
+    config = study_config()
+    config["targets"]["cnn"]["embedder"] = {"epoch": 2, "dim": 16}  # a typo
+    bad = write_project(tmp_path, config)
     (tmp_path / "labels.csv").write_text("file,split,finding_labels\n")
     res = CliRunner().invoke(cli, ["-p", str(bad), "status"])
     assert res.exit_code == 2 and "epoch" in res.output, res.output
@@ -315,12 +297,10 @@ def test_fits_with_no_training_split_say_why_once_new_then_recorded(tmp_path):
     (tmp_path / "images").mkdir()
     for i in range(3):
         _png(tmp_path / "images" / f"im{i}.png", (), seed=i)
-    (tmp_path / "flow.toml").write_text(
-        '[store]\nurl = "store"\n[build]\nscheduler = "sync"\n'
-        '[[sources]]\npath = "images"\n[train]\nsplits = ["train"]\n'
-        '[targets.cnn]\nkind = "cnn"\n[targets.cnn.normalize]\nsize = 32\n'
-        "[targets.cnn.embedder]\nepochs = 2\ndim = 16\n"
+    config = project_config(
+        sources={"path": "images"}, targets=("cnn",), train={"splits": ["train"]}
     )
+    write_project(tmp_path, config)
     out = run(tmp_path, "build", code=1)
     assert "1 failed item(s) (1 in this build, 0 recorded earlier" in out, out
     assert "embedder: <set>:" in out and "no item is in the split(s) 'train'" in out
@@ -336,9 +316,7 @@ def test_fits_with_no_training_split_say_why_once_new_then_recorded(tmp_path):
             f"images/im{i}.png,train,{('Effusion', 'Mass', 'No Finding')[i]}\n" for i in range(3)
         )
     )
-    toml = (tmp_path / "flow.toml").read_text()
-    (tmp_path / "flow.toml").write_text(
-        toml.replace('path = "images"\n', 'path = "images"\nlabels = "labels.csv"\n')
-    )
+    config["sources"][0]["labels"] = "labels.csv"
+    write_project(tmp_path, config)
     doc = run_json(tmp_path, "build")
     assert doc["ok"] and doc["failures"] == [] and [s["count"] for s in doc["refs"]["cnn"]] == [3]

@@ -29,7 +29,8 @@ import pytest
 from PIL import Image
 
 from app.phantoms import phantom_image, write_phantom_study
-from tests.cli.test_cli import TOML, run, run_json
+from tests.cli.test_cli import run, run_json, study_config
+from tests.conftest import write_project
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("cnn", "bovw", "codes")
@@ -144,7 +145,7 @@ def base(tmp_path_factory) -> Path:
         _png(root / "png" / f"p{i}.png", f, 100 + i)
         labels.append(f"png/p{i}.png,{'train' if i == 0 else 'val'},{'|'.join(f)}")
     (root / "labels.csv").write_text("\n".join(labels) + "\n")
-    (root / "flow.toml").write_text(TOML)
+    write_project(root, study_config())
     doc = run_json(root, "build", "index", "--target=all")
     assert doc["ok"], doc["failures"]
     assert {t: [s["count"] for s in v] for t, v in doc["refs"].items()} == {
@@ -234,9 +235,10 @@ def test_compact_merges_into_the_fresh_index_without_item_work(grown, fresh_all,
 @pytest.mark.slow
 def test_builds_compact_automatically_past_the_configured_limits(base, tmp_path):
     root = _copy(base, tmp_path / "p")
-    toml = (root / "flow.toml").read_text()
-    toml += "\n[targets.cnn.segments]\nmax = 2\n[targets.bovw.segments]\ncompact_fraction = 0.05\n"
-    (root / "flow.toml").write_text(toml)
+    config = study_config()
+    config["targets"]["cnn"]["segments"] = {"max": 2}
+    config["targets"]["bovw"]["segments"] = {"compact_fraction": 0.05}
+    write_project(root, config)
     _new_images(tmp_path / "g1", root / "new1", 3, seed=41)
     doc = run_json(root, "build")
     got = {t: [s["count"] for s in v] for t, v in doc["refs"].items()}
@@ -252,8 +254,8 @@ def test_builds_compact_automatically_past_the_configured_limits(base, tmp_path)
     probe = sorted((root / "new1").rglob("*.dcm"))[0]
     for t in TARGETS:
         _assert_indexed(root, probe, t)
-    bad = toml.replace("max = 2", "max = 0")
-    (root / "flow.toml").write_text(bad)
+    config["targets"]["cnn"]["segments"]["max"] = 0
+    write_project(root, config)
     out = run(root, "build", code=2)
     assert "targets.cnn.segments" in out and "max" in out, out
 
@@ -469,13 +471,14 @@ def _assert_gc_frees_what_it_reported(root: Path, dry: dict, *args: str) -> None
 @pytest.mark.slow
 def test_gc_dry_run_deletes_nothing_and_delete_frees_what_it_reported(base, tmp_path):
     root = _copy(base, tmp_path / "p")
-    toml = (root / "flow.toml").read_text()
     # garbage: codes built with 8 bits, then the project goes back to 16
-    assert "bits = 16" in toml
-    (root / "flow.toml").write_text(toml.replace("bits = 16", "bits = 8"))
+    config = study_config()
+    assert config["targets"]["codes"]["coder"] == {"bits": 16}
+    config["targets"]["codes"]["coder"]["bits"] = 8
+    write_project(root, config)
     doc = run_json(root, "build", "-t", "codes")
     assert doc["steps"]["codes"]["computed"] == N_BASE
-    (root / "flow.toml").write_text(toml)
+    write_project(root, study_config())
     doc = run_json(root, "build")
     assert all(s["computed"] == 0 for s in doc["steps"].values()), doc["steps"]
     probe = _probes(root)[0]

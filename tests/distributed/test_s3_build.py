@@ -31,6 +31,7 @@ from engine.executors import get_executor
 from engine.testing import synthetic_graph, synthetic_inputs
 from store import open_store
 from store.maintenance import verify
+from tests.conftest import project_config, write_project
 from tests.processes import (
     BUILD_TIMEOUT,
     ITEM_NODES,
@@ -206,26 +207,6 @@ def test_nested_storage_options_reach_the_workers(s3, reference):
         st.delete_tree("")
 
 
-PROJECT = """
-[store]
-url = {url}
-options = {{ endpoint_url = {endpoint_url}, key = {key}, secret = {secret} }}
-[build]
-scheduler = "sync"
-[[sources]]
-path = "."
-include = ["*.dcm"]
-labels = "labels.csv"
-[targets.cnn]
-kind = "cnn"
-[targets.cnn.normalize]
-size = 32
-[targets.cnn.embedder]
-epochs = 1
-dim = 16
-"""
-
-
 def _flow(root: Path, *args: str) -> dict | list:
     from click.testing import CliRunner
 
@@ -244,8 +225,14 @@ def test_flow_command_with_the_store_on_s3(s3, tmp_path):
     root = tmp_path / "study"
     write_phantom_study(root, n=40, size=64, seed=3)
     url = s3.url("cli")
-    strings = {k: json.dumps(v) for k, v in {"url": url, **s3.options}.items()}
-    (root / "flow.toml").write_text(PROJECT.format(**strings))
+    config = project_config(
+        store={"url": url, "options": s3.options},
+        sources={"path": ".", "include": ["*.dcm"], "labels": "labels.csv"},
+        targets={
+            "cnn": {"kind": "cnn", "normalize": {"size": 32}, "embedder": {"epochs": 1, "dim": 16}}
+        },
+    )
+    write_project(root, config)
     st = open_store(url, **s3.options)
     try:
         doc = _flow(root, "build")

@@ -20,6 +20,7 @@ from engine.executors import get_executor, tls_security
 from engine.testing import synthetic_graph, synthetic_inputs
 from flow.errors import ConfigError, FlowError
 from store import open_store
+from tests.conftest import project_config, write_project
 from tests.processes import (
     START_TIMEOUT,
     Processes,
@@ -92,14 +93,13 @@ def test_the_flow_command_passes_tls_options_to_dask(tls_cluster, tmp_path):
 
     root = tmp_path / "p"
     write_phantom_study(root, n=12, size=64, seed=1)
-    (root / "flow.toml").write_text(
-        '[store]\nurl = "store"\n[[sources]]\npath = "images"\nlabels = "labels.csv"\n'
-        '[targets.bovw]\nkind = "bovw"\n[targets.bovw.descriptors]\nn_segments = 40\n'
-        "[targets.bovw.vocabulary]\nwords = 16\nsample = 2000\n"
-        "[build.tls]\n"
-        f'ca_file = "{certs / "ca.pem"}"\ncert = "{certs / "cert.pem"}"\n'
-        f'key = "{certs / "key.pem"}"\n'
-    )
+    tls = {"ca_file": certs / "ca.pem", "cert": certs / "cert.pem", "key": certs / "key.pem"}
+    bovw = {
+        "kind": "bovw",
+        "descriptors": {"n_segments": 40},
+        "vocabulary": {"words": 16, "sample": 2000},
+    }
+    write_project(root, project_config(scheduler=None, targets={"bovw": bovw}, build={"tls": tls}))
     cli = [sys.executable, "-c", "from cli.main import main; main()", "-p", str(root)]
     res = subprocess.run([*cli, "build", "index", "--scheduler", addr, "--json"],
                          capture_output=True, text=True, timeout=300, cwd=_REPO)  # fmt: skip

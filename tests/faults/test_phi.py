@@ -31,44 +31,32 @@ from click.testing import CliRunner
 
 from app.phantoms import write_bad_files, write_phantom_study
 from cli.main import cli
+from tests.conftest import project_config, write_project
 
 pytestmark = pytest.mark.slow
 
-TOML = """
-[store]
-url = "store"
-[build]
-scheduler = "sync"
-[[sources]]
-path = "."
-include = ["*.dcm"]
-exclude = ["store/*"]
-labels = "labels.csv"
-join = "SOPInstanceUID"
-labels_column = "finding_labels"
-split_column = "split"
-[targets.cnn]
-kind = "cnn"
-[targets.cnn.normalize]
-size = 32
-[targets.cnn.embedder]
-epochs = 1
-dim = 8
-[targets.bovw]
-kind = "bovw"
-[targets.bovw.normalize]
-size = 48
-[targets.bovw.descriptors]
-n_segments = 20
-patch = 12
-[targets.bovw.vocabulary]
-words = 8
-sample = 500
-[targets.codes]
-kind = "codes"
-[targets.codes.coder]
-bits = 8
-"""
+#: labels joined on SOPInstanceUID; every target, smaller still than TINY_TARGETS
+CONFIG = project_config(
+    sources={
+        "path": ".",
+        "include": ["*.dcm"],
+        "exclude": ["store/*"],
+        "labels": "labels.csv",
+        "join": "SOPInstanceUID",
+        "labels_column": "finding_labels",
+        "split_column": "split",
+    },
+    targets={
+        "cnn": {"kind": "cnn", "normalize": {"size": 32}, "embedder": {"epochs": 1, "dim": 8}},
+        "bovw": {
+            "kind": "bovw",
+            "normalize": {"size": 48},
+            "descriptors": {"n_segments": 20, "patch": 12},
+            "vocabulary": {"words": 8, "sample": 500},
+        },
+        "codes": {"kind": "codes", "coder": {"bits": 8}},
+    },
+)
 
 TAGS = (
     "PatientName",
@@ -165,7 +153,7 @@ def built(tmp_path_factory) -> Path:
         for r in rows:
             ds = pydicom.dcmread(root / r["file"], stop_before_pixels=True)
             w.writerow((ds.SOPInstanceUID, r["split"], r["finding_labels"] or "No Finding"))
-    (root / "flow.toml").write_text(TOML)
+    write_project(root, CONFIG)
     res = CliRunner().invoke(cli, ["-p", str(root), "-q", "build", "index", "--target=all"])
     assert res.exit_code == 1, res.output  # the broken files fail; the rest is indexed
     for b in bad:

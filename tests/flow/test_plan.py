@@ -1,4 +1,5 @@
-"""The planner and the graph, as pure functions: dict-backed catalogs, no store, no Dask.
+"""The planner, a pure function: dict-backed catalogs, no store, no Dask (the graph
+it plans is tested in ``test_graph.py``).
 
 A tiny fake executor (:func:`build`) "runs" missing items by recording a
 content key for their recipe key, which is all the planner can see of a
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from flow import Items, node
-from flow.graph import Graph, Input, Step, cull, phases, toposort
+from flow.graph import Graph, Input
 from flow.keys import item_key, items_key, key, params_json
 from flow.plan import ItemTable, Status, plan, stale_rows
 from flow.snapshot import Previous
@@ -416,90 +417,6 @@ def test_set_step_over_all_splits():
 
 
 # --------------------------------------------------------------------------
-# the graph
-
-
-def test_graph_step_wires_by_kind():
-    g = pipeline()
-    assert g["decoded"].inputs == (Input("files", "item"),)
-    assert g["vocabulary"].inputs == (Input("feature", "all", ("train",)),)
-    assert g["encoded"].inputs == (Input("feature", "item"), Input("vocabulary", "one"))
-    assert g["indexed"].inputs == (Input("encoded", "all"),)
-    assert g["files"].kind == "source" and g["files"].per_item and not g["vocabulary"].per_item
-    assert g.dependencies("encoded") == ["feature", "vocabulary"]
-
-
-def test_toposort():
-    g = pipeline()
-    order = toposort(g)
-    assert order == ["files", "decoded", "feature", "vocabulary", "encoded", "indexed"]
-    assert toposort(g) == order
-    for name in order:
-        assert all(order.index(d) < order.index(name) for d in g.dependencies(name))
-    assert toposort(g, ["vocabulary"]) == ["files", "decoded", "feature", "vocabulary"]
-
-
-def test_toposort_finds_cycles():
-    steps = {
-        "a": Step("a", node=feature, inputs=(Input("c"),)),
-        "b": Step("b", node=feature, inputs=(Input("a"),)),
-        "c": Step("c", node=feature, inputs=(Input("b"),)),
-    }
-    with pytest.raises(ValueError, match="cycle in graph: a -> c -> b -> a"):
-        toposort(steps)
-
-
-def test_cull():
-    g = pipeline()
-    sub = cull(g, ["vocabulary"])
-    assert list(sub) == ["files", "decoded", "feature", "vocabulary"]
-    assert sub["feature"] is g["feature"]
-    assert list(cull(g, ["feature", "decoded"])) == ["files", "decoded", "feature"]
-    with pytest.raises(KeyError, match="no step named 'nope'"):
-        cull(g, ["nope"])
-
-
-def test_phases_group_item_steps_between_set_steps():
-    assert phases(pipeline()) == [
-        (["decoded", "feature"], ["vocabulary"]),
-        (["encoded"], ["indexed"]),
-    ]
-    g = Graph()
-    g.source("files")
-    g.step("decoded", decoded, "files")
-    assert phases(g) == [(["decoded"], [])]
-
-
-def test_wiring_errors():
-    g = pipeline()
-    with pytest.raises(ValueError, match="'feature' is per item, wire it as 'item' or 'all'"):
-        g.add(Step("x", node=encoded, inputs=(Input("feature"), Input("feature", "one"))))
-    with pytest.raises(ValueError, match="'vocabulary' has one value, wire it as 'one'"):
-        g.add(Step("x", node=encoded, inputs=(Input("feature"), Input("vocabulary", "item"))))
-    with pytest.raises(ValueError, match="input 'nope' is not defined"):
-        g.step("x", feature, "nope")
-    with pytest.raises(ValueError, match="input 'nope' is not defined"):
-        g.add(Step("x", node=feature, inputs=(Input("nope"),)))
-    with pytest.raises(ValueError, match="per-item inputs must be 'all'"):
-        g.add(Step("x", node=indexed, inputs=(Input("encoded", "item"),)))
-    with pytest.raises(ValueError, match="takes inputs"):
-        g.step("x", encoded, "feature")
-    with pytest.raises(ValueError, match="duplicate step name 'feature'"):
-        g.step("feature", feature, "decoded")
-    with pytest.raises(ValueError, match=r"only appl(y|ies) to inputs of mode 'all'"):
-        Input("feature", "item", ("train",))
-    assert "x" not in g
-
-
-def test_graph_fingerprint():
-    base = pipeline().fingerprint()
-    assert pipeline().fingerprint() == base
-    assert pipeline({"feature": {"bins": 9}}).fingerprint() != base
-    assert pipeline(vocab_splits=("train", "val")).fingerprint() != base
-    assert pipeline({"feature": {"bins": 8}}).fingerprint() == base  # the default, spelled out
-
-
-# --------------------------------------------------------------------------
 # the vectorized paths: the store's catalog, the recipe-key cache, set digests
 
 
@@ -657,14 +574,3 @@ def test_known_step_plans_are_taken_as_they_are():
     _same_plans(again, full)
     assert all(again.steps[n] is some[n] for n in some)  # reused, not derived again
     assert again.steps[full.order[-1]] is not full.steps[full.order[-1]]
-
-
-def test_batch_sizes_one_task_per_worker_for_small_builds():
-    from engine.builder import _batch_size
-
-    assert _batch_size([], 100, 2, None) == 50  # 2 tasks, not 7 of <= 16
-    assert _batch_size([], 5, 2, None) == 3
-    assert _batch_size([], 5, 1, None) == 5
-    assert _batch_size([], 200, 2, None) == 25  # four tasks per worker from 16 a task
-    assert _batch_size([], 10**6, 2, None) == 1000
-    assert _batch_size([], 100, 2, 7) == 7  # [build] batch_size wins

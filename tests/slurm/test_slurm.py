@@ -29,41 +29,19 @@ from store import open_store
 from store.catalog import load_catalog
 from store.objects import read_object_manifests
 from store.refs import read_ref
+from tests.conftest import project_config, write_project
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from cli.main import main; main()"]
 N_PHANTOMS = 24
-PROJECT = """\
-[store]
-url = ".flow/store"
-
-[[sources]]
-path = "{images}"
-labels = "{labels}"
-
-[targets.cnn]
-kind = "cnn"
-[targets.cnn.normalize]
-size = 32
-[targets.cnn.embedder]
-epochs = 1
-width = 4
-
-[targets.bovw]
-kind = "bovw"
-[targets.bovw.vocabulary]
-words = 16
-
-[targets.codes]
-kind = "codes"
-embedding = "cnn"
-[targets.codes.coder]
-bits = 16
-
-[cluster]
-{cluster}
-"""
-WORKER_JOBS = 'partition = "flow"\ncores = 1\nmemory = "2GB"\nwalltime = "00:20:00"\n'
+#: the targets of a Slurm build: small, and codes from the cnn embedding
+TARGETS = {
+    "cnn": {"kind": "cnn", "normalize": {"size": 32}, "embedder": {"epochs": 1, "width": 4}},
+    "bovw": {"kind": "bovw", "vocabulary": {"words": 16}},
+    "codes": {"kind": "codes", "embedding": "cnn", "coder": {"bits": 16}},
+}
+#: a [cluster] table for worker jobs
+WORKER_JOBS = {"partition": "flow", "cores": 1, "memory": "2GB", "walltime": "00:20:00"}
 
 
 def content_keys(st) -> dict[str, set[tuple[bytes, bytes]]]:
@@ -104,12 +82,16 @@ def phantoms(tmp_path_factory) -> Path:
     return folder
 
 
-def project(folder: Path, phantoms: Path, cluster: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = PROJECT.format(
-        images=phantoms / "images", labels=phantoms / "labels.csv", cluster=cluster
+def project(folder: Path, phantoms: Path, cluster: dict) -> Path:
+    """A project over the phantom study with this ``[cluster]`` table (no ``[build]``)."""
+    config = project_config(
+        store=".flow/store",
+        scheduler=None,
+        sources={"path": phantoms / "images", "labels": phantoms / "labels.csv"},
+        targets=TARGETS,
+        cluster=cluster,
     )
-    (folder / "flow.toml").write_text(text)
+    write_project(folder, config)
     return folder
 
 
@@ -163,7 +145,7 @@ def test_cluster_config_defaults_and_shapes(tmp_path):
 def test_bad_cluster_key_exits_2_naming_it(tmp_path, phantoms):
     from cli.main import cli
 
-    root = project(tmp_path, phantoms, 'partiton = "cpu"\ncores = 2')
+    root = project(tmp_path, phantoms, {"partiton": "cpu", "cores": 2})
     res = CliRunner().invoke(cli, ["-p", str(root), "build", "--cluster", "slurm"])
     assert res.exit_code == 2, res.output
     assert "[cluster]: unknown key 'partiton'" in res.output
@@ -173,10 +155,13 @@ def test_bad_cluster_key_exits_2_naming_it(tmp_path, phantoms):
 def test_submit_dry_run_writes_the_sbatch_script(tmp_path, phantoms):
     from cli.main import cli
 
-    cluster = (
-        WORKER_JOBS.replace("cores = 1", "cores = 3") + 'account = "lab"\n'
-        'job_extra = ["--qos=long"]\nprologue = ["export FOO=1"]\n'
-    )
+    cluster = {
+        **WORKER_JOBS,
+        "cores": 3,
+        "account": "lab",
+        "job_extra": ["--qos=long"],
+        "prologue": ["export FOO=1"],
+    }
     root = project(tmp_path / "p", phantoms, cluster)
     runner = CliRunner()
     res = runner.invoke(
@@ -299,7 +284,7 @@ def test_synthetic_build_on_two_slurm_jobs_matches_sync(slurm, tmp_path, synthet
 @pytest.mark.cluster
 def test_cli_build_on_adaptive_slurm_jobs(slurm, tmp_path, phantoms):
     before = {j["JobId"] for j in slurm.jobs()}
-    cluster = WORKER_JOBS + "adaptive_min = 0\nadaptive_max = 2\nstart_timeout = 120\n"
+    cluster = {**WORKER_JOBS, "adaptive_min": 0, "adaptive_max": 2, "start_timeout": 120}
     root = project(tmp_path, phantoms, cluster)
     res = flow("build", "index", "--target=all", "--cluster", "slurm", cwd=root)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -316,7 +301,7 @@ def test_cli_build_on_adaptive_slurm_jobs(slurm, tmp_path, phantoms):
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_sigterm_releases_the_worker_jobs(slurm, tmp_path, phantoms):
-    root = project(tmp_path, phantoms, WORKER_JOBS + "jobs = 2\n")
+    root = project(tmp_path, phantoms, {**WORKER_JOBS, "jobs": 2})
     proc = subprocess.Popen(
         [*CLI, "build", "index", "--cluster", "slurm"],
         cwd=root,
@@ -348,7 +333,7 @@ def test_sigterm_releases_the_worker_jobs(slurm, tmp_path, phantoms):
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_submit_runs_the_build_as_one_batch_job(slurm, tmp_path, phantoms):
-    root = project(tmp_path, phantoms, WORKER_JOBS.replace("cores = 1", "cores = 2"))
+    root = project(tmp_path, phantoms, {**WORKER_JOBS, "cores": 2})
     script = tmp_path / "build.sbatch"
     res = flow("submit", "--write-only", "--script", str(script), "-t", "bovw", cwd=root)
     assert res.returncode == 0 and script.is_file(), res.stderr
