@@ -8,7 +8,7 @@ their harm is in what the libraries do with them.
   from about ``size / 1000``.  pydicom inflates the whole dataset while reading the
   header, before any size check can look at it.
 * :func:`busy_frame` -- a 1 GiB bomb: inflating it and failing the size check after
-  takes ``decode`` 4-5 s of CPU here (and a gigabyte), far past a test's 1 s limit --
+  takes ``decode`` 4-5 s of CPU here (and a gigabyte), far past a test's 2 s limit --
   a decode that does not come back, as an operator meets it.  A node that never
   returns at all is in ``tests/engine/test_sandbox.py``.
 """
