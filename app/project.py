@@ -36,19 +36,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.inbound import (
+    DicomwebSource,
+    ReceiveConfig,
+    dicomweb_source,
+    item_limits,
+    parse_size,
+    receive_config,
+)
 from engine.refs import ValueRef
 from engine.scan import DEFAULT_INCLUDE, FileRefs, StatCache, file_keys, paused_gc, scan_folder
 from flow.errors import ConfigError
 from flow.keys import key
 from flow.plan import ItemTable
 
-__all__ = [
+__all__ = [  # DicomwebSource, ReceiveConfig, parse_size: app.inbound, kept here too
     "DicomwebSource",
     "Project",
     "ReceiveConfig",
     "SourceFolder",
     "load_project",
     "open_project_store",
+    "parse_size",
     "project_text",
     "write_project",
 ]
@@ -70,44 +79,6 @@ class SourceFolder:
     labels_separator: str = "|"
     split_column: str = "split"
     default_split: str = ""
-
-
-@dataclass
-class DicomwebSource:
-    """An archive's DICOMweb service as a source (see :mod:`app.dicomweb`)."""
-
-    name: str
-    url: str
-    cache: Path  # the local content-addressed cache of fetched instances
-    state: Path  # the stored QIDO listing (the watermark)
-    username: str = ""
-    password_env: str = ""  # the password comes from this environment variable
-    token_env: str = ""  # a bearer token from this environment variable
-    ca_file: str = ""
-    timeout: float = 60.0
-    page: int = 1000  # QIDO-RS limit per request
-    default_split: str = ""
-
-
-@dataclass
-class ReceiveConfig:
-    """``[receive]``: the DICOM Storage SCP of ``flow receive`` (:mod:`app.receive`)."""
-
-    folder: Path
-    ae_title: str = "FLOW"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    allowed: tuple[str, ...] = ()  # calling AE titles (empty: any)
-    settle: float = 2.0  # seconds without an instance before a study is built
-    default_split: str = ""
-
-    def source(self) -> SourceFolder:
-        return SourceFolder(
-            name="received",
-            path=self.folder,
-            include=("*.dcm",),
-            default_split=self.default_split,
-        )
 
 
 @dataclass
@@ -347,19 +318,6 @@ _TOP = {
     "ids",
     "receive",
 }
-_DICOMWEB_KEYS = {
-    "name",
-    "dicomweb",
-    "cache",
-    "username",
-    "password_env",
-    "token_env",
-    "ca_file",
-    "timeout",
-    "page",
-    "default_split",
-}
-_RECEIVE_KEYS = {"folder", "ae_title", "host", "port", "allowed", "settle", "default_split"}
 _SOURCE_KEYS = {
     "name",
     "path",
@@ -498,7 +456,7 @@ def project_from_dict(
         w = f"{where}: [[sources]] #{n + 1}"
         default_name = f"source{n + 1}" if len(raw_sources) > 1 else "images"
         if "dicomweb" in s:
-            dicomweb.append(_dicomweb_source(w, s, default_name, root, rel))
+            dicomweb.append(dicomweb_source(w, s, default_name, root, rel))
             continue
         _check_keys(w, s, _SOURCE_KEYS)
         if "path" not in s:
@@ -520,7 +478,7 @@ def project_from_dict(
             default_split=s.get("default_split", ""),
         )
         sources.append(src)
-    receive = _receive(where, raw.get("receive"), rel) if "receive" in raw else None
+    receive = receive_config(where, raw.get("receive"), rel) if "receive" in raw else None
     names = [s.name for s in sources] + [d.name for d in dicomweb]
     if receive is not None:
         names.append("received")
@@ -545,7 +503,7 @@ def project_from_dict(
     ids = dict(ids)
     if "salt_file" in ids:
         ids["salt_file"] = str(rel(str(ids["salt_file"])))
-    limits = _item_limits(where, build)
+    limits = item_limits(where, build)
     train = raw.get("train", {})
     _check_keys(f"{where}: [train]", train, {"splits"})
     database = raw.get("database", {})
@@ -597,100 +555,3 @@ def project_from_dict(
         item_limits=limits,
         raw=raw,
     )
-
-
-def _dicomweb_source(w: str, s: dict, default_name: str, root: Path, rel) -> DicomwebSource:
-    _check_keys(w, s, _DICOMWEB_KEYS)
-    url = s["dicomweb"]
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{w}: dicomweb = {url!r}: expected an http:// or https:// URL")
-    name = s.get("name", default_name)
-    for k in ("username", "password_env", "token_env", "ca_file", "default_split", "name"):
-        if k in s and not isinstance(s[k], str):
-            raise ConfigError(f"{w}: {k} must be a string")
-    if s.get("password_env") and not s.get("username"):
-        raise ConfigError(f"{w}: password_env needs a username")
-    if s.get("password_env") and s.get("token_env"):
-        raise ConfigError(f"{w}: give password_env (basic auth) or token_env (bearer), not both")
-    ca = s.get("ca_file", "")
-    if ca and not rel(ca).is_file():
-        raise ConfigError(f"{w}: ca_file = {ca!r} is not a file")
-    page = s.get("page", 1000)
-    if not isinstance(page, int) or isinstance(page, bool) or page < 1:
-        raise ConfigError(f"{w}: page must be a positive integer (QIDO-RS results per request)")
-    timeout = s.get("timeout", 60.0)
-    if not isinstance(timeout, int | float) or timeout <= 0:
-        raise ConfigError(f"{w}: timeout must be a positive number of seconds")
-    cache = rel(s["cache"]) if s.get("cache") else root / ".flow" / "dicomweb" / name
-    return DicomwebSource(
-        name=name,
-        url=url.rstrip("/"),
-        cache=cache,
-        state=cache / "listing.json",
-        username=s.get("username", ""),
-        password_env=s.get("password_env", ""),
-        token_env=s.get("token_env", ""),
-        ca_file=str(rel(ca)) if ca else "",
-        timeout=float(timeout),
-        page=page,
-        default_split=s.get("default_split", ""),
-    )
-
-
-def _receive(where: str, t: Any, rel) -> ReceiveConfig:
-    w = f"{where}: [receive]"
-    if not isinstance(t, dict):
-        raise ConfigError(f"{w} must be a table")
-    _check_keys(w, t, _RECEIVE_KEYS)
-    if "folder" not in t:
-        raise ConfigError(f"{w}: 'folder' (where received instances are stored) is required")
-    ae = t.get("ae_title", "FLOW")
-    if not isinstance(ae, str) or not 0 < len(ae.strip()) <= 16 or "\\" in ae:
-        raise ConfigError(f"{w}: ae_title = {ae!r}: 1 to 16 characters, no backslash")
-    port = t.get("port", 11112)
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
-        raise ConfigError(f"{w}: port = {port!r}: a TCP port (0 picks a free one)")
-    settle = t.get("settle", 2.0)
-    if not isinstance(settle, int | float) or settle < 0:
-        raise ConfigError(f"{w}: settle must be a number of seconds >= 0")
-    allowed = _str_tuple(f"{w} allowed", t.get("allowed", []))
-    return ReceiveConfig(
-        folder=rel(str(t["folder"])),
-        ae_title=ae.strip(),
-        host=str(t.get("host", "0.0.0.0")),
-        port=port,
-        allowed=tuple(a.strip() for a in allowed),
-        settle=float(settle),
-        default_split=str(t.get("default_split", "")),
-    )
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-          "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}  # fmt: skip
-
-
-def parse_size(text: str | int) -> int:
-    """``"2 GiB"``, ``"512M"``, ``1073741824`` -> bytes (binary units)."""
-    import re
-
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (e.g. '2 GiB', '512 MiB')")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _item_limits(where: str, build: dict) -> tuple[float, int]:
-    """``[build] item_timeout`` (seconds; 0: none) and ``item_memory`` (0: none)."""
-    t = build.get("item_timeout", 30)
-    if not isinstance(t, int | float) or isinstance(t, bool) or t < 0:
-        raise ConfigError(f"{where}: [build] item_timeout must be seconds >= 0 (0: no limit)")
-    try:
-        m = parse_size(build.get("item_memory", "2 GiB"))
-    except ValueError as e:
-        raise ConfigError(f"{where}: [build] item_memory: {e}") from None
-    if m and m < (64 << 20):
-        raise ConfigError(f"{where}: [build] item_memory must be at least 64 MiB (or 0: none)")
-    return float(t), m
