@@ -1,23 +1,41 @@
-"""Drawing the graph: steps in dependency layers, coloured by their state.
+"""Drawing the graph (``flow graph``): Graphviz's ``dot`` lays it out.
 
-Layout is deliberately simple (a step's column is its depth in the DAG,
-rows spread evenly), which reads well for pipelines of a few dozen steps.
-Output is PNG or SVG by the file's extension (matplotlib, no graphviz).
+One cluster per target holds the steps only that target uses; steps shared by
+several targets (decode, normalize) stand outside.  A step's colour is its state
+(fresh, stale, failed; a source; a pinned fit, which stands in for the object a
+fit made before), its label the node, kind and counts; an edge's style is how the
+step takes its input (per item, all items, one value).  A legend says all of that.
+
+The graph is made with the ``graphviz`` Python package and rendered by the ``dot``
+program (Debian/Ubuntu: ``apt-get install graphviz``; macOS: ``brew install
+graphviz``); ``.dot`` output needs no program.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
-from flow.graph import Graph, toposort
+from flow.errors import FlowError
+from flow.graph import Graph, cull, toposort
+
+__all__ = ["COLORS", "EDGE_STYLES", "digraph", "dot", "draw", "target_groups"]
 
 COLORS = {
     "fresh": "#9ed99e",
     "stale": "#ffc46b",
     "failed": "#ff8a80",
     "source": "#cfd8dc",
-    "unknown": "#e0e0e0",
+    "pinned fit": "#b3d4fc",
+    "unknown": "#eeeeee",
+}
+
+#: how a step takes its input -> (dot edge style, legend text)
+EDGE_STYLES = {
+    "item": ("solid", "per item"),
+    "all": ("dashed", "all items (a fit, an index)"),
+    "one": ("dotted", "one value (a fitted model)"),
 }
 
 
@@ -31,93 +49,116 @@ def _state(counts: dict[str, int] | None) -> str:
     return "fresh"
 
 
-def draw(
-    graph: Graph, path: str | os.PathLike, summary: dict[str, dict] | None = None, title: str = ""
-) -> None:
-    """Write the graph to ``path`` (.png or .svg); ``summary`` is ``Plan.summary()``."""
-    import matplotlib
+def target_groups(graph: Graph, targets: dict, names: list[str]) -> dict[str, list[str]]:
+    """The steps of ``graph`` each target alone uses, by target (shared steps in none)."""
+    uses: dict[str, set[str]] = {}
+    for t in names:
+        ends = [s for s in (targets[t].get("index"), targets[t].get("table")) if s in graph]
+        ends += [s for s in graph if s.startswith(f"{t}.")]  # its index segments
+        for s in cull(graph, ends) if ends else ():
+            uses.setdefault(s, set()).add(t)
+    out: dict[str, list[str]] = {t: [] for t in names}
+    for s in toposort(graph):
+        if len(uses.get(s, ())) == 1:
+            out[next(iter(uses[s]))].append(s)
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
 
-    order = toposort(graph)
-    depth: dict[str, int] = {}
-    for n in order:
-        depth[n] = 1 + max((depth[i.step] for i in graph[n].inputs), default=-1)
-    cols: dict[int, list[str]] = {}
-    for n in order:
-        cols.setdefault(depth[n], []).append(n)
-    height = max(len(v) for v in cols.values())
-    pos = {}
-    for d, names in cols.items():
-        for j, n in enumerate(names):
-            pos[n] = (d * 3.2, (height - 1) / 2 - j + (len(names) - 1) / 2 - (height - 1) / 2)
-    fig_w = 2.2 + 2.4 * len(cols)
-    fig, ax = plt.subplots(figsize=(fig_w, 1.0 + 1.1 * height))
-    for n in order:
-        x, y = pos[n]
-        for inp in graph[n].inputs:
-            x0, y0 = pos[inp.step]
-            style = "-" if inp.mode == "item" else ("--" if inp.mode == "all" else ":")
-            ax.annotate(
-                "",
-                xy=(x - 1.1, y),
-                xytext=(x0 + 1.1, y0),
-                arrowprops={"arrowstyle": "->", "lw": 1, "ls": style, "color": "#607d8b"},
-            )
-    for n in order:
-        x, y = pos[n]
+def digraph(
+    graph: Graph,
+    summary: dict[str, dict] | None = None,
+    groups: dict[str, list[str]] | None = None,
+    title: str = "",
+) -> Any:
+    """The graph as a ``graphviz.Digraph`` (clusters, colours, legend)."""
+    import graphviz
+
+    summary = summary or {}
+    g = graphviz.Digraph("flow", graph_attr={"rankdir": "LR", "fontsize": "11", "label": title,
+                         "labelloc": "t", "fontname": "Helvetica"},
+                         node_attr={"shape": "box", "style": "rounded,filled",
+                                    "fontname": "Helvetica", "fontsize": "10"},
+                         edge_attr={"color": "#546e7a"})  # fmt: skip
+    placed: set[str] = set()
+
+    def add(sub: Any, n: str) -> None:
         st = graph[n]
-        counts = (summary or {}).get(n)
-        state = "source" if st.kind == "source" else _state(counts)
-        ax.add_patch(
-            FancyBboxPatch(
-                (x - 1.1, y - 0.32),
-                2.2,
-                0.64,
-                boxstyle="round,pad=0.02",
-                fc=COLORS[state],
-                ec="#37474f",
-            )
-        )
-        label = n if st.kind == "source" else f"{n}\n{st.node_name} ({st.kind})"
-        if counts is not None and st.kind != "source":
-            stale = counts.get("missing", 0) + counts.get("pending", 0)
-            label += f"\n{counts.get('fresh', 0)} fresh" + (f", {stale} stale" if stale else "")
-            if counts.get("failed"):
-                label += f", {counts['failed']} failed"
-        ax.text(x, y, label, ha="center", va="center", fontsize=7)
-    xs = [p[0] for p in pos.values()]
-    ys = [p[1] for p in pos.values()]
-    ax.set_xlim(min(xs) - 1.4, max(xs) + 1.4)
-    ax.set_ylim(min(ys) - 0.8, max(ys) + 0.8)
-    ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, fc=c) for c in COLORS.values()]
-    ax.legend(
-        handles,
-        list(COLORS),
-        loc="upper left",
-        fontsize=7,
-        ncol=5,
-        frameon=False,
-        bbox_to_anchor=(0, 1.08),
-    )
-    if title:
-        ax.set_title(title, fontsize=9, loc="right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        counts = summary.get(n)
+        if st.kind == "source":
+            state = "pinned fit" if st.source == "object" and st.pin else "source"
+            label = n if state == "source" else f"{n}\n{st.pin[0] if st.pin else ''}\npinned fit"
+        else:
+            state = _state(counts)
+            label = f"{n}\n{st.node_name} ({st.kind})"
+            if counts is not None:
+                stale = counts.get("missing", 0) + counts.get("pending", 0)
+                label += f"\n{counts.get('fresh', 0)} fresh" + (f", {stale} stale" if stale else "")
+                if counts.get("failed"):
+                    label += f", {counts['failed']} failed"
+        sub.node(n, label, fillcolor=COLORS[state])
+        placed.add(n)
 
-
-def dot(graph: Graph, summary: dict[str, Any] | None = None) -> str:
-    """The graph in Graphviz DOT (for people who have graphviz)."""
-    lines = ["digraph flow {", "  rankdir=LR; node [shape=box, style=filled];"]
+    for t, steps in (groups or {}).items():
+        if not steps:
+            continue
+        with g.subgraph(name=f"cluster_{t}") as c:
+            c.attr(label=f"target {t}", style="rounded", color="#90a4ae", fontsize="11")
+            for n in steps:
+                add(c, n)
     for n in toposort(graph):
-        st = graph[n]
-        state = "source" if st.kind == "source" else _state((summary or {}).get(n))
-        lines.append(f'  "{n}" [fillcolor="{COLORS[state]}"];')
-        for i in st.inputs:
-            lines.append(f'  "{i.step}" -> "{n}";')
-    lines.append("}")
-    return "\n".join(lines)
+        if n not in placed:
+            add(g, n)
+    for n in toposort(graph):
+        for inp in graph[n].inputs:
+            g.edge(inp.step, n, style=EDGE_STYLES.get(inp.mode, ("solid", ""))[0])
+    with g.subgraph(name="cluster_legend") as leg:
+        leg.attr(label="legend", style="rounded", color="#cfd8dc", fontsize="10")
+        prev = None
+        for state, color in COLORS.items():
+            leg.node(f"_legend_{state}", state, fillcolor=color, fontsize="9")
+            if prev is not None:
+                leg.edge(prev, f"_legend_{state}", style="invis")
+            prev = f"_legend_{state}"
+        for mode, (style, text) in EDGE_STYLES.items():
+            a, b = f"_legend_{mode}_a", f"_legend_{mode}_b"
+            leg.node(a, "", shape="point", width="0.05")
+            leg.node(b, text, shape="plaintext", style="", fontsize="9")
+            leg.edge(a, b, style=style)
+    return g
+
+
+def dot(graph: Graph, summary: dict[str, Any] | None = None, **kw: Any) -> str:
+    """The graph in Graphviz DOT."""
+    return digraph(graph, summary, **kw).source
+
+
+def draw(
+    graph: Graph,
+    path: str | os.PathLike,
+    summary: dict[str, dict] | None = None,
+    title: str = "",
+    groups: dict[str, list[str]] | None = None,
+) -> None:
+    """Write the graph to ``path``: .dot as text, any other extension (.svg, .png,
+    .pdf) rendered by Graphviz's ``dot``."""
+    path = os.fspath(path)
+    g = digraph(graph, summary, groups, title)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt in ("dot", "gv"):
+        with open(path, "w") as fh:
+            fh.write(g.source + "\n")
+        return
+    if shutil.which("dot") is None:
+        raise FlowError(
+            f"drawing {path} needs Graphviz's dot program (Debian/Ubuntu: apt-get install "
+            "graphviz; macOS: brew install graphviz); `flow graph out.dot` writes the graph "
+            "as text without it"
+        )
+    import graphviz
+
+    try:
+        data = g.pipe(format=fmt)
+    except (ValueError, graphviz.ExecutableNotFound, graphviz.CalledProcessError) as e:
+        raise FlowError(f"cannot draw {path}: {e}") from None
+    with open(path, "wb") as fh:
+        fh.write(data)

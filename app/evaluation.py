@@ -147,3 +147,36 @@ def plot_metrics(results: list[dict], path: str | os.PathLike) -> None:
     fig.suptitle(f"{results[0]['queries']} queries vs {results[0]['database']} items")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+#: names of the rankings an evaluation result holds beside the target's own
+BASELINE_NAMES = {"random": "random", "prior": "label prior", "pixels": "raw pixels"}
+_METRIC_NAMES = {"avg": "AvG", "precision": "P", "map": "mAP"}
+
+
+def report_table(results: list[dict], k: int) -> tuple[list[str], list[list]]:
+    """The evaluation as a table: per target, one row for its own ranking and one for
+    every baseline computed in the same run, every metric at ``k`` in the columns."""
+    metrics = list(dict.fromkeys(m for r in results for m in r["metrics"]))
+    headers = ["target", "ranking", *(f"{_METRIC_NAMES.get(m, m)}@{k}" for m in metrics)]
+    rows: list[list] = []
+    for r in results:
+        rankings = [("metrics", f"{r['target']} ({r['kind']})")]
+        rankings += [
+            (b, f"  {BASELINE_NAMES.get(b, b)}")
+            for b in list(BASELINE_NAMES) + sorted(set(r) - set(BASELINE_NAMES))
+            if b in r and b != "metrics" and _is_metrics(r[b], metrics)
+        ]
+        for j, (b, name) in enumerate(rankings):
+            vals = [_at(r[b].get(m, {}), k) for m in metrics]
+            rows.append([r["target"] if j == 0 else "", name.strip() if j == 0 else name, *vals])
+    return headers, rows
+
+
+def _is_metrics(v: object, metrics: list[str]) -> bool:
+    return isinstance(v, dict) and any(m in v and isinstance(v[m], dict) for m in metrics)
+
+
+def _at(curve: dict, k: int) -> float | str:
+    v = curve.get(k, curve.get(str(k)))
+    return "-" if v is None else float(v)

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from flow.errors import ConfigError
 from flow.plan import FAILED, FRESH
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "collect_garbage",
     "explain_file",
     "explain_key",
+    "forgotten_entry",
     "indices_holding",
     "lineage_lines",
     "live_set",
@@ -100,10 +102,48 @@ def indices_holding(ws: Any, path: str | os.PathLike) -> list[dict]:
 
 
 def ref_log(ws: Any, target: str) -> list[dict]:
-    """Every entry of ``target``'s ref, oldest first (empty: no such ref)."""
-    from store.refs import ref_history
+    """Every entry of ``target``'s ref, oldest first.  An entry whose index lost items
+    the entry before held names them: ``withdrawn`` (by ``flow forget``) and
+    ``removed`` (their files left the sources).  A ref that does not exist is an
+    error naming the ones that do."""
+    from app.retrieval import unknown_target
+    from store.refs import list_refs, ref_history
 
-    return ref_history(ws.store, target)
+    hist = ref_history(ws.store, target)
+    if not hist:
+        if target in ws.targets:
+            raise unknown_target(ws.store, target, ws.targets)
+        names = sorted(set(list_refs(ws.store)) | set(ws.targets))
+        raise ConfigError(f"no ref named {target!r}; the refs are: {', '.join(names) or 'none'}")
+    from store.maintenance import id_key
+
+    forgotten = ws.forgotten_ids()
+    before: set[str] | None = None
+    for e in hist:
+        ids = _entry_ids(ws.store, e)
+        if before is not None and ids is not None:
+            gone = sorted(before - ids)
+            withdrawn = [i for i in gone if id_key(i) in forgotten]
+            if withdrawn:
+                e["withdrawn"] = withdrawn
+            if len(withdrawn) < len(gone):
+                e["removed"] = [i for i in gone if id_key(i) not in forgotten]
+        before = ids
+    return hist
+
+
+def _entry_ids(store: Any, entry: dict) -> set[str] | None:
+    """The item ids of a ref entry's index (its tables), or None where one is gone."""
+    from store.objects import read_object
+
+    ids: set[str] = set()
+    for seg in entry.get("value", {}).get("segments", []):
+        try:
+            node, rkey = seg["table"]
+            ids.update(read_object(store, node, bytes.fromhex(rkey))["ids"])
+        except Exception:
+            return None
+    return ids
 
 
 @dataclass
@@ -114,6 +154,7 @@ class FileLineage:
     key: str
     derived: list  # store.lineage records, downstream of the file
     indices: list[dict]
+    forgotten: dict | None = None  # the `flow forget` that withdrew it
 
     def to_json(self) -> dict:
         return {
@@ -121,6 +162,7 @@ class FileLineage:
             "key": self.key,
             "derived": [r.to_json() for r in self.derived],
             "indices": self.indices,
+            "forgotten": self.forgotten,
         }
 
 
@@ -130,7 +172,24 @@ def explain_file(ws: Any, path: str, depth: int = 8) -> FileLineage:
     from store.lineage import Lineage
 
     k = file_key(path).hex()
-    return FileLineage(path, k, Lineage(ws.store).downstream(k, depth), indices_holding(ws, path))
+    return FileLineage(
+        path,
+        k,
+        Lineage(ws.store).downstream(k, depth),
+        indices_holding(ws, path),
+        forgotten_entry(ws, k),
+    )
+
+
+def forgotten_entry(ws: Any, file_key_hex: str) -> dict | None:
+    """The ``flow forget`` that withdrew the file of this content key (its ref entry:
+    ``seq``, ``time``, ``message``), or None."""
+    from store.refs import ref_history
+
+    for e in ref_history(ws.store, "forgotten"):
+        if file_key_hex in e.get("value", {}).get("keys", []):
+            return {k: e.get(k) for k in ("seq", "time", "message", "user", "host")}
+    return None
 
 
 def explain_key(ws: Any, prefix: str, depth: int = 8) -> list:

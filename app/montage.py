@@ -29,13 +29,24 @@ def picture(retriever: Any, image: str | os.PathLike | bytes) -> np.ndarray | No
     return np.asarray(out) if np.ndim(out) == 2 else None
 
 
-def montage(retriever: Any, query: str, hits: list, paths: dict[str, str], out: str) -> None:
+def montage(
+    retriever: Any,
+    query: str,
+    hits: list,
+    paths: dict[str, str],
+    out: str,
+    known: tuple[str, tuple[str, ...]] | None = None,
+) -> None:
+    """``known``: the query's own (id, labels) when it is an item of the project."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("query", picture(retriever, query), os.path.basename(str(query)))]
+    caption = os.path.basename(str(query))
+    if known is not None:
+        caption = f"{known[0]}\n{'|'.join(known[1]) or '(no labels)'}"
+    panels = [("query", picture(retriever, query), caption)]
     for h in hits:
         p = paths.get(h.id)
         img = picture(retriever, p) if p and os.path.exists(p) else None

@@ -55,6 +55,7 @@ __all__ = [  # DicomwebSource, ReceiveConfig, parse_size: app.inbound, kept here
     "Project",
     "ReceiveConfig",
     "SourceFolder",
+    "SourceReport",
     "load_project",
     "open_project_store",
     "parse_size",
@@ -72,6 +73,7 @@ class SourceFolder:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     extensionless: bool = False
+    by_content: bool = True  # also files whose content is DICOM/PNG/JPEG, whatever their name
     labels: Path | None = None
     join: str = "file"
     file_column: str = "file"
@@ -135,12 +137,23 @@ class Project:
                 out.append(self.receive.source())
         return out
 
-    def scan(self, src: SourceFolder) -> tuple[list[str], list]:
-        """The files of one source: (relative paths, their stats)."""
+    def scan(
+        self, src: SourceFolder, *, known: Any = None, skipped: dict | None = None
+    ) -> tuple[list[str], list]:
+        """The files of one source: (relative paths, their stats).  ``known`` and
+        ``skipped``: see :func:`engine.scan.scan_folder`."""
         if self.receive is not None and src.path == self.receive.folder:
             src.path.mkdir(parents=True, exist_ok=True)
         try:
-            return scan_folder(src.path, src.include, src.exclude, src.extensionless)
+            return scan_folder(
+                src.path,
+                src.include,
+                src.exclude,
+                src.extensionless,
+                by_content=src.by_content,
+                known=known,
+                skipped=skipped,
+            )
         except FileNotFoundError as e:
             raise ConfigError(f"{self._where('sources')}: {e}") from None
 
@@ -166,18 +179,28 @@ class Project:
         scheme = self.id_scheme(store)
         # path ids keep their old form (no source prefix for a single source)
         prefixed = multi or scheme.scheme != "path"
+        reports = []
         for src in folders:
-            rels, stats = scans[src.path] if src.path in scans else self.scan(src)
             cache = StatCache(store, str(src.path)) if store is not None else None
-            mine = [f"{src.name}/{rel}" if prefixed else rel for rel in rels]
-            # keyed: the stat cache (in the store) records ids, not paths
+            pre = f"{src.name}/" if prefixed else ""
+            skipped: dict[str, list[str]] = {}
+            if src.path in scans:
+                rels, stats = scans[src.path]
+            else:
+                known = None
+                if cache is not None:  # keyed: the stat cache records ids, not paths
+                    known = cache.holds if scheme.scheme == "path" else _holds(cache, scheme, pre)
+                rels, stats = self.scan(src, known=known, skipped=skipped)
+            mine = [pre + rel for rel in rels]
             masked = scheme.ids(mine) if scheme.scheme != "path" else None
             ks, errs, n = file_keys(str(src.path), rels, stats, cache, names=masked)
             hashed += n
             if cache is not None:
                 cache.save()
-            table = _read_labels(src, rels) if src.labels else {}
-            base = len(names)
+            report = SourceReport(src.name, os.path.realpath(src.path), len(rels), skipped)
+            table = _read_labels(src, rels, report) if src.labels else {}
+            reports.append(report)
+            base = len(ids)
             real = os.path.realpath(src.path)
             names.extend(mine)
             ids.extend(masked if masked is not None else mine)
@@ -224,15 +247,12 @@ class Project:
                 "labels": [ValueRef(tuple(lab)) for lab in labels],
             }
         )
-        if scheme.scheme != "path" and store is not None:
-            from app.ids import IdMap
-
-            IdMap.of(self).save(ids, paths)
         meta = {
             "labels": labels,
             "paths": paths,
             "names": names,
             "hashed": hashed,
+            "sources": tuple(reports),
             "scheme": scheme,
         }
         return items, refs, meta
@@ -241,8 +261,47 @@ class Project:
         return f"{self.file or FILENAME}: [{k}]"
 
 
-def _read_labels(src: SourceFolder, rels: list[str]) -> dict[int, tuple[tuple[str, ...], str]]:
-    """Row per item index: (labels, split), joined as the source says."""
+def _holds(cache: Any, scheme: Any, pre: str) -> Any:
+    """``StatCache.holds`` by path, for a cache that records keyed ids."""
+
+    def known(rel: str, st: Any) -> bool:
+        return cache.holds(scheme.ids([pre + rel])[0], st)
+
+    return known
+
+
+@dataclass
+class SourceReport:
+    """What scanning one source found, for the preflight (:mod:`app.preflight`)."""
+
+    name: str
+    path: str
+    files: int  # items found
+    skipped: dict[str, list[str]]  # reason -> files under the folder not taken
+    labels: str | None = None  # the labels CSV
+    rows: int = 0  # its rows
+    unmatched: list[str] = field(default_factory=list)  # join values matching no file
+    unlabeled: list[str] = field(default_factory=list)  # files with no row
+
+
+def _read_labels(
+    src: SourceFolder, rels: list[str], report: SourceReport | None = None
+) -> dict[int, tuple[tuple[str, ...], str]]:
+    """Row per item index: (labels, split), joined as the source says.  ``report``:
+    filled with the rows, the rows that matched no file, the files without a row."""
+    out = _joined_labels(src, rels)
+    if report is not None:
+        rows, used = out.pop(-1)  # type: ignore[misc]  # see _joined_labels
+        report.labels, report.rows = str(src.labels), len(rows)
+        report.unmatched = sorted(set(rows) - used)
+        report.unlabeled = [rel for i, rel in enumerate(rels) if i not in out]
+    else:
+        out.pop(-1)
+    return out
+
+
+def _joined_labels(src: SourceFolder, rels: list[str]) -> dict:
+    """Row per item index, and at -1: (the join values of the CSV's rows, those used)."""
     path = src.labels
     assert path is not None
     where = f"labels file {path}"
@@ -262,13 +321,21 @@ def _read_labels(src: SourceFolder, rels: list[str]) -> dict[int, tuple[tuple[st
             )
     rows = list(reader)
     has_split = src.split_column in cols
+    if not has_split and not src.default_split:
+        raise ConfigError(
+            f"{where}: no column {src.split_column!r} (columns: {', '.join(cols)}): every "
+            "item needs a split (the fits learn from [train] splits); add the column, name "
+            "it with split_column, or give the source a default_split"
+        )
     by_value: dict[str, tuple[tuple[str, ...], str]] = {}
     for r in rows:
         raw = (r.get(src.labels_column) or "").strip()
         labs = tuple(sorted({x.strip() for x in raw.split(src.labels_separator) if x.strip()}))
         split = (r.get(src.split_column) or "").strip() if has_split else src.default_split
         by_value[(r.get(join_col) or "").strip()] = (labs, split or src.default_split)
-    out: dict[int, tuple[tuple[str, ...], str]] = {}
+    out: dict = {}
+    used: set[str] = set()
+    out[-1] = (list(by_value), used)
     if src.join == "file":
         # match on the path relative to the labels file, to the source, or the bare name
         label_dir = os.path.realpath(os.path.dirname(path))
@@ -281,11 +348,13 @@ def _read_labels(src: SourceFolder, rels: list[str]) -> dict[int, tuple[tuple[st
             for cand in (os.path.relpath(full, label_dir).replace(os.sep, "/"), rel):
                 if cand in by_value:
                     out[i] = by_value[cand]
+                    used.add(cand)
                     break
             else:
                 base = os.path.basename(rel)
                 if base in by_value and len(names[base]) == 1:
                     out[i] = by_value[base]
+                    used.add(base)
         return out
     # a DICOM identifier: read headers only (cheap), no pixels
     from nodes.decode import dicom_identifiers
@@ -298,6 +367,7 @@ def _read_labels(src: SourceFolder, rels: list[str]) -> dict[int, tuple[tuple[st
             continue
         if ident and str(ident) in by_value:
             out[i] = by_value[str(ident)]
+            used.add(str(ident))
     return out
 
 
@@ -324,6 +394,7 @@ _SOURCE_KEYS = {
     "include",
     "exclude",
     "extensionless",
+    "by_content",
     "labels",
     "join",
     "file_column",
@@ -349,6 +420,37 @@ def _str_tuple(where: str, v: Any) -> tuple[str, ...]:
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
         return tuple(v)
     raise ConfigError(f"{where}: expected a string or a list of strings, got {v!r}")
+
+
+#: what [build] scheduler may name, besides a scheduler address (tcp://host:port)
+SCHEDULERS = ("local", "threads", "sync", "slurm", "distributed")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_scheduler(where: str, v: Any) -> None:
+    if isinstance(v, str) and (v in SCHEDULERS or "://" in v):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(str(v), SCHEDULERS, n=1)
+    raise ConfigError(
+        f"{where} = {v!r}: use one of {', '.join(SCHEDULERS[:4])} or a scheduler address "
+        "(tcp://host:port)" + (f"; did you mean {close[0]!r}?" if close else "")
+    )
+
+
+def _source_value(where: str, s: Mapping, name: str, default: Any) -> Any:
+    """``s[name]`` checked against the type of its default (str, bool)."""
+    v = s.get(name, default)
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: {name} must be true or false, got {v!r}")
+    elif isinstance(default, str) and not isinstance(v, str):
+        raise ConfigError(f"{where}: {name} must be a string, got {v!r}")
+    return v
 
 
 def open_project_store(path: str | os.PathLike | None = None, store: str | None = None):
@@ -394,14 +496,28 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def find_project(path: str | os.PathLike | None = None) -> Path:
+    """The project file: ``path`` (a file, or a folder holding one), or else the
+    ``flow.toml`` of the current folder or the nearest folder above it, as git
+    finds its repository (a command run from ``images/`` finds the project)."""
+    if path:
+        p = Path(path)
+        return p / FILENAME if p.is_dir() else p
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / FILENAME).is_file():
+            return folder / FILENAME
+    return Path(FILENAME)
+
+
 def load_project(path: str | os.PathLike | None = None, *, store: str | None = None) -> Project:
-    """Load ``flow.toml`` (a file, or a folder holding one)."""
-    p = Path(path or FILENAME)
-    if p.is_dir():
-        p = p / FILENAME
+    """Load ``flow.toml`` (a file, a folder holding one, or found from the current
+    folder upwards: :func:`find_project`)."""
+    p = find_project(path)
     if not p.is_file():
+        where = p if path else f"{Path.cwd() / FILENAME} (nor in any folder above it)"
         raise ConfigError(
-            f"no project file at {p}: run `flow init` to write one, or `flow demo` to try flow"
+            f"no project file at {where}: run `flow init` to write one, or `flow demo` to try flow"
         )
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -422,6 +538,8 @@ def project_from_dict(
 
     st = raw.get("store", {})
     _check_keys(f"{where}: [store]", st, {"url", "options"})
+    if not isinstance(st.get("url", ""), str):
+        raise ConfigError(f"{where}: [store] url must be a folder or a URL (a string)")
     url = store or st.get("url", ".flow/store")
     if "://" not in url:
         url = str(rel(url))
@@ -463,19 +581,26 @@ def project_from_dict(
             raise ConfigError(
                 f"{w}: 'path' (a folder of images) or 'dicomweb' (an archive's URL) is required"
             )
+        for k in ("path", "labels"):
+            if k in s and not isinstance(s[k], str):
+                raise ConfigError(f"{w}: {k} must be a path (a string), got {s[k]!r}")
+        sep = _source_value(w, s, "labels_separator", "|")
+        if not sep:
+            raise ConfigError(f"{w}: labels_separator must not be empty")
         src = SourceFolder(
-            name=s.get("name", default_name),
+            name=_source_value(w, s, "name", default_name),
             path=rel(s["path"]),
             include=_str_tuple(f"{w} include", s.get("include", list(DEFAULT_INCLUDE))),
             exclude=_str_tuple(f"{w} exclude", s.get("exclude", [])),
-            extensionless=bool(s.get("extensionless", False)),
+            extensionless=_source_value(w, s, "extensionless", False),
+            by_content=_source_value(w, s, "by_content", True),
             labels=rel(s["labels"]) if s.get("labels") else None,
-            join=s.get("join", "file"),
-            file_column=s.get("file_column", "file"),
-            labels_column=s.get("labels_column", "finding_labels"),
-            labels_separator=s.get("labels_separator", "|"),
-            split_column=s.get("split_column", "split"),
-            default_split=s.get("default_split", ""),
+            join=_source_value(w, s, "join", "file"),
+            file_column=_source_value(w, s, "file_column", "file"),
+            labels_column=_source_value(w, s, "labels_column", "finding_labels"),
+            labels_separator=sep,
+            split_column=_source_value(w, s, "split_column", "split"),
+            default_split=_source_value(w, s, "default_split", ""),
         )
         sources.append(src)
     receive = receive_config(where, raw.get("receive"), rel) if "receive" in raw else None
@@ -521,8 +646,20 @@ def project_from_dict(
 
         cluster_config(raw["cluster"], f"{where}: [cluster]", root=root)  # raises on a bad key
     workers = build.get("workers")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
+    if workers is not None and not _positive_int(workers):
         raise ConfigError(f"{where}: [build] workers must be a positive integer")
+    scheduler = build.get("scheduler", "local")
+    _check_scheduler(f"{where}: [build] scheduler", scheduler)
+    batch_size = build.get("batch_size")
+    if batch_size is not None and not _positive_int(batch_size):
+        raise ConfigError(f"{where}: [build] batch_size must be a positive integer")
+    eval_k = ev.get("k", 10)
+    if not _positive_int(eval_k):
+        raise ConfigError(f"{where}: [eval] k must be a positive integer, got {eval_k!r}")
+    if not isinstance(st.get("options", {}), dict):
+        raise ConfigError(f"{where}: [store] options must be a table")
+    if not isinstance(raw.get("nodes", {}), dict):
+        raise ConfigError(f"{where}: [nodes] must be a table")
     threads_below = build.get("threads_below", 400)
     if not isinstance(threads_below, int) or isinstance(threads_below, bool) or threads_below < 0:
         raise ConfigError(f"{where}: [build] threads_below must be an integer >= 0")
@@ -540,12 +677,12 @@ def project_from_dict(
         ),
         eval_queries=_str_tuple(f"{where}: [eval] queries", ev.get("queries", ["val"])),
         eval_database=_str_tuple(f"{where}: [eval] database", ev.get("database", ["train"])),
-        eval_k=int(ev.get("k", 10)),
+        eval_k=eval_k,
         targets=targets,
         nodes=raw.get("nodes", {}),
-        scheduler=build.get("scheduler", "local"),
+        scheduler=scheduler,
         workers=workers,
-        batch_size=build.get("batch_size"),
+        batch_size=batch_size,
         threads_below=threads_below,
         tls=tls,
         cluster=raw.get("cluster", {}),

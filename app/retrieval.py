@@ -44,7 +44,16 @@ import numpy as np
 
 from flow.errors import FlowError
 
-__all__ = ["Hit", "LiveRetriever", "Result", "Retriever", "parse_roi"]
+__all__ = [
+    "Hit",
+    "LiveRetriever",
+    "Result",
+    "Retriever",
+    "built_targets",
+    "open_target",
+    "parse_roi",
+    "unknown_target",
+]
 
 # what a query's own decoded attributes may show (decode's whitelist, without the
 # salted study hash, which means nothing to a reader)
@@ -85,6 +94,45 @@ class Result:
     seq: int
     query: dict
     roi: tuple[int, int, int, int] | None = None
+
+
+def built_targets(store: Any) -> list[str]:
+    """The targets that have an index in ``store`` (their refs)."""
+    from store.refs import list_refs
+
+    return [n for n in list_refs(store) if "/" not in n and n != "forgotten"]
+
+
+def open_target(project: Any, store: str | None, target: str) -> Retriever:
+    """The index of ``target`` for ``flow query``: the project at ``project`` (a path;
+    its store, or ``store`` instead), or a store URL alone."""
+    from app.project import load_project
+
+    if store and not project:
+        from store import open_store
+
+        return Retriever.open(open_store(store), target)
+    proj = load_project(project, store=store)
+    return Retriever.open(proj.open_store(), target, declared=list(proj.targets))
+
+
+def unknown_target(store: Any, name: str, declared: Any = None) -> FlowError:
+    """The error for a target with no index: not built yet (a project target, exit 1),
+    or no such target (a usage error naming the valid ones, exit 2)."""
+    from flow.errors import ConfigError
+
+    target = name.split("/")[-1]
+    built = built_targets(store)
+    if declared is not None and target in declared:
+        return FlowError(
+            f"target {target!r} has no index yet in {store.url}: run `flow build index "
+            f"--target={target}` first"
+        )
+    names = sorted(set(built) | set(declared or ()))
+    return ConfigError(
+        f"no target {target!r}; "
+        + (f"the targets are: {', '.join(names)}" if names else "this project has none built yet")
+    )
 
 
 def parse_roi(text: str | None) -> tuple[int, int, int, int] | None:
@@ -213,15 +261,14 @@ class Retriever:
         self._rates: dict[str, float] | None = None
 
     @classmethod
-    def open(cls, store: Any, name: str) -> Retriever:
+    def open(cls, store: Any, name: str, declared: Any = None) -> Retriever:
+        """The current index of target ``name``.  ``declared``: the project's target
+        names, where a project is at hand (to tell "not built yet" from a typo)."""
         from store.refs import read_ref
 
         ref = read_ref(store, name)
         if ref is None:
-            raise FlowError(
-                f"no index for target {name!r} in {store.url}: run `flow build index "
-                f"--target={name.split('/')[-1]}` first"
-            )
+            raise unknown_target(store, name, declared)
         return cls(store, ref)
 
     # -- what it holds -----------------------------------------------------------------
@@ -541,6 +588,12 @@ class Retriever:
         ``image`` (a path or its bytes), with the query's whitelisted attributes."""
         if k < 1:
             raise FlowError(f"k must be at least 1, got {k}")
+        if not self.count:
+            raise FlowError(
+                f"the index of target {self.name!r} (ref #{self.seq}) holds no items: "
+                "nothing to search (`flow status` shows why; `flow log "
+                f"{self.name.split('/')[-1]}` its history)"
+            )
         sk = -1 if search_k is None else search_k
         exclude = {p for p in (self.position(i) for i in exclude_ids) if p is not None}
         if self.kind == "regions":

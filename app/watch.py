@@ -227,22 +227,23 @@ class Watcher:
                 del scans[src.path]  # as a full scan (its last events may be late)
                 continue
             pattern = (src.include, src.exclude, src.extensionless)
+            content = {"by_content": src.by_content}
             rels, stats = scans[src.path]
             now = dict(zip(rels, stats))
             try:
                 for d in dirs:
                     if not d:  # the root itself: everything
-                        now = dict(zip(*scan_folder(src.path, *pattern)))
+                        now = dict(zip(*scan_folder(src.path, *pattern, **content)))
                         continue
                     inside = d + "/"
                     for rel in [r for r in now if r.startswith(inside)]:
                         del now[rel]
-                    now.update(zip(*scan_folder(src.path, *pattern, under=d)))
+                    now.update(zip(*scan_folder(src.path, *pattern, under=d, **content)))
             except FileNotFoundError:  # the source folder went away: as a full scan
                 del scans[src.path]
                 continue
             for rel in files:
-                st = stat_file(src.path, rel, *pattern)
+                st = stat_file(src.path, rel, *pattern, **content)
                 if st is None:
                     now.pop(rel, None)
                 else:

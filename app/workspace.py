@@ -37,6 +37,42 @@ class Built:
     incomplete: dict[str, str] = field(default_factory=dict)  # target -> why not moved
     fits: list[str] = field(default_factory=list)  # fit steps whose pin moved
 
+    @property
+    def idle(self) -> bool:
+        """Nothing was stale: nothing computed, failed or moved."""
+        rep = self.report
+        return not (
+            any(r.computed or r.reused or r.failed for r in rep.steps.values())
+            or rep.failures
+            or self.moved
+            or self.fits
+            or self.incomplete
+            or rep.interrupted
+        )
+
+    def step_rows(self) -> list[dict]:
+        """Per step that did something in this build (computed, cut off or failed):
+        its counts and time; steps with nothing to do are left out."""
+        rep = self.report
+        rows = []
+        for name, sp in rep.before.steps.items():
+            r = rep.steps.get(name)
+            if sp.kind == "source" or r is None or not (r.computed or r.reused or r.failed):
+                continue
+            after = rep.after.steps.get(name)
+            rows.append(
+                {
+                    "step": name,
+                    "kind": sp.kind,
+                    "computed": r.computed,
+                    "cut off": r.reused,
+                    "failed": r.failed,
+                    "fresh": after.counts()["fresh"] if after is not None else 0,
+                    "seconds": r.seconds,
+                }
+            )
+        return rows
+
     def hints(self) -> list[str]:
         """What a person can do about this build's failures, one line each."""
         from engine.builder import NO_SPLIT_ITEMS
@@ -374,20 +410,53 @@ class Workspace:
                 cats: dict = catalogs
                 for cat in cats.values():
                     refresh_catalog(self.store, cat, cache_every=32)
-                first = self._run(cull(self.graph, vectors), executor, catalogs=cats, **kw)
-                g, layout = self._segmented(names, first.after, compact=compact, catalogs=cats)
+                g = cull(self.graph, vectors)
+                first = self._run(g, executor, catalogs=cats, **kw)
+                if first.interrupted or first.error:
+                    # nothing more runs, no ref moves: what finished is stored
+                    return Built(first, incomplete={t: "the build stopped" for t in names})
+                # a target whose database items are not all computed (their tasks
+                # failed, or --fail-fast stopped the build) gets no index segments:
+                # a ref never moves to an index lacking items it should hold
+                unfinished = {t: self._unfinished(t, first.after) for t in names}
+                ready = [t for t in names if not unfinished[t]]
+                g, layout = self._segmented(ready, first.after, compact=compact, catalogs=cats)
                 g = cull(g, [s for segs in layout.values() for pair in segs for s in pair])
-                if first.interrupted:
-                    report = first
-                else:
-                    second = self._run(g, executor, catalogs=cats, known=first.after.steps, **kw)
-                    report = _joined(first, second)
+                second = self._run(g, executor, catalogs=cats, known=first.after.steps, **kw)
+                report = _joined(first, second)
+                if report.interrupted or report.error:
+                    return Built(report, incomplete={t: "the build stopped" for t in names})
         finally:
             if own:
                 executor.close()
-        built = self._move_refs(g, report, names, layout, eval=eval)
+        if eval:
+            ready, unfinished = names, {}
+        built = self._move_refs(g, report, ready, layout, eval=eval)
+        for t, n in unfinished.items():
+            if n:
+                built.incomplete[t] = (
+                    f"{n} item(s) of its database were not computed (see the failures "
+                    "above); rebuild to finish"
+                )
         built.fits = self._move_fit_refs(g, report.after)
         return built
+
+    def _database(self) -> np.ndarray:
+        """Which items the indices hold (the [database] splits; all by default)."""
+        items = self.items()[0]
+        if self.project.database_splits is None:
+            return np.ones(len(items), bool)
+        return items.in_splits(self.project.database_splits)
+
+    def _unfinished(self, target: str, after: Plan) -> int:
+        """Database items of ``target`` whose vectors are still to compute in ``after``
+        (not failed: those an index leaves out, or that stop its ref)."""
+        from flow.plan import MISSING, PENDING
+
+        todo = np.zeros(len(self.items()[0]), bool)
+        for v in self.targets[target]["index_inputs"]:
+            todo |= np.isin(np.asarray(after.steps[v].status), (MISSING, PENDING))
+        return int(np.count_nonzero(todo & self._database()))
 
     def _run(self, g: Graph, executor: Any, **kw: Any) -> Any:
         from engine.builder import build as run_build
@@ -468,28 +537,19 @@ class Workspace:
     def _move_refs(
         self, g: Graph, report: Any, names: list[str], layout: dict, *, eval: bool
     ) -> Built:
-        from engine.builder import NO_SPLIT_ITEMS
+        """Move each target's ref to its new index -- only when the index is complete,
+        holds every item the plan says it should, and no node's code failed."""
         from store.refs import move_ref, read_ref
 
         out = Built(report)
         for t in names:
             pairs = layout[t]
-            states = [report.after.steps[s].status[0] for pair in pairs for s in pair]
-            if any(s != Status.FRESH for s in states):
-                why = Status(int(max(states))).name.lower()
-                out.incomplete[t] = f"index {why}"
-                continue
             # items that failed because of their input (a broken file) are left out
             # of the index and reported; items a node's code failed on stop the ref
             upstream = set(cull(g, [s for pair in pairs for s in pair]))
-            bugs = [f for f in report.failures if f.step in upstream and not f.bad_input]
-            unfit = sorted({f.step for f in bugs if NO_SPLIT_ITEMS in f.reason})
-            if bugs and len(unfit) == len({f.step for f in bugs}):
-                out.incomplete[t] = (
-                    f"{', '.join(unfit)} had no items to learn from (their splits hold "
-                    "none); give the items splits and rebuild"
-                )
-                continue
+            fails = [f for f in report.failures if f.step in upstream and not f.bad_input]
+            unfit = sorted({f.step for f in fails if self._had_no_items(f, report.after)})
+            bugs = [f for f in fails if f.step not in unfit]
             if bugs:
                 out.incomplete[t] = (
                     f"{len(bugs)} item(s) failed with code errors in "
@@ -497,19 +557,31 @@ class Workspace:
                     "rebuild with --retry-failed"
                 )
                 continue
+            if unfit:
+                out.incomplete[t] = (
+                    f"{', '.join(unfit)} had no items to learn from ({self._why_no_items()}); "
+                    "see the preflight (`flow status`)"
+                )
+                continue
+            states = [
+                report.after.steps[s].status[0] if s in report.after.steps else Status.MISSING
+                for pair in pairs
+                for s in pair
+            ]
+            if any(s != Status.FRESH for s in states):
+                why = Status(int(max(states))).name.lower()
+                out.incomplete[t] = f"index {why}"
+                continue
             value, objects = ref_value(g, self.targets[t]["kind"], pairs, report.after)
+            count = sum(seg["count"] for seg in value["segments"])
+            lacking = self._lacking(t, report.after, count, eval=eval)
+            if lacking:
+                out.incomplete[t] = lacking
+                continue
             name = f"eval/{t}" if eval else t
             cur = read_ref(self.store, name)
             if cur is not None and cur.get("value") == value:
                 out.unchanged.append(t)
-                continue
-            count = sum(seg["count"] for seg in value["segments"])
-            if (
-                cur is not None
-                and count == 0
-                and any(seg.get("count") for seg in cur["value"].get("segments", []))
-            ):
-                out.incomplete[t] = "the new index would be empty; the current one is kept"
                 continue
             out.moved[t] = move_ref(
                 self.store,
@@ -519,6 +591,61 @@ class Workspace:
                 message=f"build of {t}: {count} items in {len(value['segments'])} segment(s)",
             )
         return out
+
+    def _had_no_items(self, failure: Any, after: Plan) -> bool:
+        """Whether a failure is a set step's that had no input items at all (a fit
+        with nothing to learn from: the data's fault, not the code's)."""
+        from engine.builder import NO_SPLIT_ITEMS
+
+        if NO_SPLIT_ITEMS in failure.reason:
+            return True
+        sp = after.steps.get(failure.step)
+        return (
+            failure.id == "<set>"
+            and sp is not None
+            and sp.kind == "set"
+            and bool(sp.members)
+            and not any(len(rows) for rows in sp.members.values())
+        )
+
+    def _why_no_items(self) -> str:
+        items, _, meta = self.items()
+        if not len(items):
+            return (
+                "every item was withdrawn with flow forget"
+                if meta.get("forgotten")
+                else "the sources hold no image files"
+            )
+        train = self.project.train_splits
+        if not items.in_splits(train).any():
+            return f"no item is in the [train] split(s) {', '.join(map(repr, train))}"
+        return "every training item failed"
+
+    def _lacking(self, target: str, after: Plan, count: int, *, eval: bool) -> str:
+        """Why an index of ``count`` items must not be served ("" if it may): it lacks
+        items the plan says it holds, or holds none while the sources have some."""
+        from flow.plan import FRESH
+
+        items, _, meta = self.items()
+        if eval:
+            return "" if count or not len(items) else "the evaluation index would be empty"
+        db = self._database()
+        fresh = db.copy()
+        for v in self.targets[target]["index_inputs"]:
+            fresh &= np.asarray(after.steps[v].status) == FRESH
+        want = int(np.count_nonzero(fresh))
+        if count < want:
+            return f"the new index holds {count} items, its database {want}: rebuild to finish"
+        if count:
+            return ""
+        if not len(items):
+            if meta.get("forgotten"):
+                return ""  # every item withdrawn: an empty index is the truth
+            return "the sources hold no image files (see `flow status`)"
+        if not db.any():
+            splits = ", ".join(map(repr, self.project.database_splits or ()))
+            return f"no item is in the [database] split(s) {splits}: the index would be empty"
+        return "every item of its database failed: the index would be empty"
 
     # -- forget ----------------------------------------------------------------------
 
@@ -616,6 +743,20 @@ def item_paths(path: str | Path | None = None, store: str | None = None) -> dict
         return dict(zip(items.ids, meta["paths"]))
     except Exception:
         return {}
+
+
+def known_items(
+    path: str | Path | None = None, store: str | None = None
+) -> tuple[dict[str, str], dict[str, tuple[str, tuple[str, ...]]]]:
+    """(item id -> source file, source file -> (item id, labels)) of the project at
+    ``path``; empty where there is no project at hand (a store alone)."""
+    try:
+        ws = Workspace.open(path, store=store)
+        items, _, meta = ws.items()
+    except Exception:
+        return {}, {}
+    by_path = {p: (i, tuple(lab)) for i, p, lab in zip(items.ids, meta["paths"], meta["labels"])}
+    return dict(zip(items.ids, meta["paths"])), by_path
 
 
 def _id_key(item_id: str) -> str:

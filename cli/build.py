@@ -7,7 +7,7 @@ import sys
 import click
 
 from cli._fmt import seconds, table
-from cli.main import handle_errors, pass_ctx
+from cli.main import handle_errors, interrupted, pass_ctx
 
 
 def _targets(values: tuple[str, ...]) -> list[str] | str:
@@ -108,10 +108,13 @@ def build(
     its index is complete, and exits with status 1 listing the failures.
     Interrupting (Ctrl-C) loses nothing that finished: rerun to continue.
     """
+    from app.preflight import preflight
+
     ws = ctx.workspace
     ws.retrain = retrain
-    items = ws.items()[0]
-    ctx.log(f"{len(items)} items from {len(ws.project.sources)} source(s); store {ws.store.url}")
+    for line in preflight(ws, _targets(targets)).report(brief=True):
+        ctx.log(line)
+    ctx.log(f"store {ws.store.url}")
     built = ws.build(
         _targets(targets),
         scheduler=scheduler,
@@ -127,6 +130,8 @@ def build(
         log=ctx.log,
     )
     rep = built.report
+    if rep.interrupted and not as_json:
+        interrupted()  # one line: the table of a stopped build says nothing useful
     if as_json:
         doc = rep.to_json()
         doc["refs"] = {t: e["value"]["segments"] for t, e in built.moved.items()}
@@ -141,32 +146,23 @@ def build(
     else:
         _print_report(ctx, built)
     if rep.interrupted:
-        click.echo("interrupted: everything finished so far is stored; rerun to continue", err=True)
-        sys.exit(130)
+        interrupted()
     if rep.failures or built.incomplete:
         sys.exit(1)
 
 
 def _print_report(ctx, built) -> None:
     rep = built.report
-    rows = []
-    for name, sp in rep.before.steps.items():
-        if sp.kind == "source":
-            continue
-        r = rep.steps.get(name)
-        c = rep.after.steps[name].counts()
-        rows.append(
-            [
-                name,
-                sp.kind,
-                (r.computed if r else 0),
-                (r.reused if r else 0),
-                (r.failed if r else 0) + c["failed"] * 0,
-                c["fresh"],
-                seconds(r.seconds) if r else "-",
-            ]
-        )
-    if not ctx.quiet:
+    if built.idle:
+        n = len(ctx.workspace.items()[0])
+        click.echo(f"nothing stale: {n} items, every index up to date ({seconds(rep.seconds)})")
+        return
+    rows = [
+        [r["step"], r["kind"], r["computed"], r["cut off"], r["failed"], r["fresh"],
+         seconds(r["seconds"])]
+        for r in built.step_rows()
+    ]  # fmt: skip
+    if rows and not ctx.quiet:
         click.echo(
             table(
                 ["step", "kind", "computed", "cut off", "failed", "fresh", "time"],
@@ -219,6 +215,7 @@ def status(ctx, targets, as_json):
     nothing: it hashes new or changed source files (remembered in the stat
     cache) and reads the store's catalogs and the targets' refs.
     """
+    from app.preflight import preflight
     from app.status import status_rows
     from cli._fmt import dumps
 
@@ -226,6 +223,9 @@ def status(ctx, targets, as_json):
     if as_json:
         click.echo(dumps(rows))
         return
+    for line in preflight(ctx.workspace, _targets(targets)).report():
+        click.echo(line)
+    click.echo()
     click.echo(
         table(
             ["target", "step", "kind", "fresh", "stale", "failed", "blocked", "why stale"],

@@ -9,6 +9,7 @@ configuration, 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from functools import update_wrapper
@@ -49,6 +50,22 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+INTERRUPTED = "interrupted: everything finished so far is stored; rerun to continue"
+
+
+def interrupted() -> None:
+    """End the command as interrupted: one line, status 130."""
+    import signal
+
+    def again(signum: int, frame: Any) -> None:
+        os._exit(130)  # a second Ctrl-C while exiting (threads still finishing): at once
+
+    signal.signal(signal.SIGINT, again)
+    signal.signal(signal.SIGTERM, again)
+    with contextlib.suppress(Exception):
+        click.echo(INTERRUPTED, err=True)
+    sys.exit(130)
+
 
 def handle_errors(f):
     """Turn flow's errors into a one-line message and an exit code."""
@@ -60,10 +77,7 @@ def handle_errors(f):
         try:
             return cctx.invoke(f, *args, **kwargs)
         except KeyboardInterrupt:
-            click.echo(
-                "interrupted: everything finished so far is stored; rerun to continue", err=True
-            )
-            sys.exit(130)
+            interrupted()
         except BuildFailed as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
@@ -126,10 +140,32 @@ else:
 
 
 def main() -> None:
-    from app.handoff import try_handoff
+    """``flow``: an interrupt (Ctrl-C, SIGTERM) anywhere -- in a command, while click
+    parses, while a module loads -- ends it with one line and status 130."""
+    import signal
 
-    code = try_handoff(sys.argv[1:])  # a running `flow watch` of the project takes it
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill is a Ctrl-C
+    try:
+        from app.handoff import try_handoff
+
+        code = try_handoff(sys.argv[1:])  # a running `flow watch` of the project takes it
+    except KeyboardInterrupt:
+        interrupted()
     if code is not None:
         sys.exit(code)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-    cli(prog_name="flow")
+    try:
+        code = cli.main(prog_name="flow", standalone_mode=False)
+    except KeyboardInterrupt:
+        interrupted()
+    except click.exceptions.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            interrupted()
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

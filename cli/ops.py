@@ -35,9 +35,6 @@ def log(ctx, target, as_json):
     from app.maintenance import ref_log
 
     hist = ref_log(ctx.workspace, target)
-    if not hist:
-        click.echo(f"error: no ref named {target!r} (build it first)", err=True)
-        sys.exit(2)
     if as_json:
         click.echo(json.dumps(list(reversed(hist)), indent=2))
         return
@@ -63,6 +60,12 @@ def log(ctx, target, as_json):
             right={3, 4},
         )
     )
+    for e in reversed(hist):
+        for what, why in (("withdrawn", "by flow forget"), ("removed", "(files gone)")):
+            if e.get(what):
+                ids = e[what]
+                more = f" and {len(ids) - 10} more" if len(ids) > 10 else ""
+                click.echo(f"#{e['seq']} {what} {why}: {', '.join(ids[:10])}{more}")
 
 
 @click.command()
@@ -88,6 +91,12 @@ def explain(ctx, what, depth, as_json):
             click.echo(json.dumps(found.to_json(), indent=2))
             return
         click.echo(f"{what}\nkey {found.key}")
+        if found.forgotten:
+            f = found.forgotten
+            click.echo(
+                f"withdrawn with flow forget (forgotten #{f['seq']}, {_when(f['time'])}: "
+                f"{f['message']}): no index serves it; `flow gc --delete` purges its data"
+            )
         click.echo(
             "\n".join(lineage_lines(found.derived))
             if found.derived
@@ -213,19 +222,16 @@ def gc(ctx, delete, keep, grace, as_json):
 @pass_ctx
 @handle_errors
 def graph(ctx, output, targets):
-    """Draw the targets' graph to OUTPUT (.png, .svg, or .dot), stale steps marked."""
-    from app.draw import dot, draw
+    """Draw the targets' graph to OUTPUT (.svg, .png, .pdf through Graphviz's dot;
+    .dot as text): one cluster per target, steps coloured by state, a legend."""
+    from app.draw import draw, target_groups
     from cli.build import _targets
 
     ws = ctx.workspace
-    names = _targets(targets)
+    names = ws._names(_targets(targets))
     g = ws.subgraph(names)
     summary = ws.plan(names, reasons=False).summary()
-    if output.endswith(".dot"):
-        with open(output, "w") as fh:
-            fh.write(dot(g, summary) + "\n")
-    else:
-        draw(g, output, summary, title=f"{ws.project.file}")
+    draw(g, output, summary, title=f"{ws.project.file}", groups=target_groups(g, ws.targets, names))
     click.echo(f"wrote {output}")
 
 

@@ -27,7 +27,9 @@ def init(folder, images, labels, force):
 )
 @click.option("--epochs", default=15, show_default=True, help="Embedder training epochs.")
 @click.option("--scheduler", default="local", show_default=True)
-@click.option("-k", default=5, show_default=True, help="Results per query.")
+@click.option(
+    "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Results per query."
+)
 @pass_ctx
 @handle_errors
 def demo(ctx, folder, n, epochs, scheduler, k):

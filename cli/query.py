@@ -9,12 +9,14 @@ from cli.main import handle_errors, pass_ctx
 
 
 @click.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.option("-t", "--target", default="cnn", show_default=True, help="Which index to search.")
-@click.option("-k", default=10, show_default=True, help="How many results.")
+@click.option(
+    "-k", default=10, show_default=True, type=click.IntRange(min=1), help="How many results."
+)
 @click.option(
     "--search-k",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="annoy search_k: nodes inspected per query (more: slower, closer to exact).",
 )
@@ -38,25 +40,35 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
     IMAGE, then searches the target's current index.  Reads only the ref, the
     index and the fit objects: nothing is trained or recomputed.
     """
-    from app.retrieval import Retriever, parse_roi
+    from app.retrieval import open_target, parse_roi
 
     box = parse_roi(roi)
-    store = _store(ctx)
-    retr = Retriever.open(store, target)
+    retr = open_target(ctx.project_path, ctx.store_url, target)
+    import os
+
+    from app.workspace import known_items
+
     hits = retr.query(image, k=k, search_k=search_k, roi=box)
-    files = _files(ctx, [h.id for h in hits])
+    paths, by_path = known_items(ctx.project_path, ctx.store_url)
+    known = by_path.get(os.path.realpath(image))  # the query is an item: its own labels
+    files = _relative(ctx, paths)  # ids are keyed hashes: the files, for who has them
     if as_json:
         import json
 
-        results = [h.to_json() for h in hits]
-        for r in results:
-            if r["id"] in files:
-                r["file"] = files[r["id"]]
-        doc = {"query": image, "target": target, "results": results}
+        doc = {"query": image, "target": target, "results": [h.to_json() for h in hits]}
+        if known is not None:
+            doc["query_item"] = {"id": known[0], "labels": list(known[1])}
+        for h, r in zip(hits, doc["results"]):
+            r["path"] = paths.get(h.id)  # the file to open (None: not in this project)
+            if h.id in files:
+                r["file"] = files[h.id]  # the same, relative to the project
         if box:
             doc["roi"] = list(box)
         click.echo(json.dumps(doc, indent=2))
     else:
+        if known is not None:
+            shown = files.get(known[0], known[0])
+            click.echo(f"query {shown}: labels {'|'.join(known[1]) or '(none)'}")
         regions = retr.kind == "regions"
         click.echo(
             table(
@@ -77,45 +89,30 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
     if montage:
         from app.montage import montage as draw
 
-        paths = _paths(ctx)
-        draw(retr, image, hits, paths, montage)
+        draw(retr, image, hits, paths, montage, known=known)
         ctx.log(f"wrote {montage}")
 
 
-def _store(ctx):
-    from app.project import open_project_store
+def _relative(ctx, paths: dict[str, str]) -> dict[str, str]:
+    """Item id -> its file, relative to the project folder where inside it."""
+    import os
 
-    return open_project_store(ctx.project_path, ctx.store_url)
+    from app.project import load_project
 
-
-def _files(ctx, ids: list[str]) -> dict[str, str]:
-    """Item id -> its file (relative to the project where inside it), from the
-    project's id map (:class:`app.ids.IdMap`, kept by builds): keyed ids name no
-    path, and a query must not scan the sources."""
-    if not ctx.project_path and ctx.store_url:
-        return {}
     try:
-        from app.ids import IdMap
-        from app.project import load_project
-
-        project = load_project(ctx.project_path, store=ctx.store_url)
+        root = str(load_project(ctx.project_path, store=ctx.store_url).root) + os.sep
     except Exception:
-        return {}
-    idmap = IdMap.of(project)
-    return {i: p for i in ids if (p := idmap.get(i)) is not None}
-
-
-def _paths(ctx) -> dict[str, str]:
-    from app.workspace import item_paths
-
-    return item_paths(ctx.project_path, ctx.store_url)
+        return dict(paths)
+    return {i: p[len(root) :] if p.startswith(root) else p for i, p in paths.items()}
 
 
 @click.command("eval")
 @click.option(
     "-t", "--target", "targets", multiple=True, help="Target(s) to evaluate (default: all)."
 )
-@click.option("-k", default=None, type=int, help="Largest K (default: [eval] k, 10).")
+@click.option(
+    "-k", default=None, type=click.IntRange(min=1), help="Largest K (default: [eval] k, 10)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--plot",
@@ -148,50 +145,22 @@ def evaluate(ctx, targets, k, as_json, plot, scheduler):
                     f"flow eval measures whole-image retrieval; {t!r} is a regions target "
                     "(its hit rate: bench/bench_serve.py --quality)"
                 )
-    k = k or ws.project.eval_k
+    k = ws.project.eval_k if k is None else k
     results = [ws.evaluate(t, k, scheduler=scheduler, log=ctx.debug) for t in names]
     if as_json:
         import json
 
         click.echo(json.dumps(results, indent=2))
     else:
-        rows = []
-        for r in results:
-            m, b, pr = r["metrics"], r["random"], r["prior"]
-            rows.append(
-                [
-                    r["target"],
-                    r["kind"],
-                    m["avg"][k],
-                    m["precision"][k],
-                    m["map"][k],
-                    b["avg"][k],
-                    b["precision"][k],
-                    b["map"][k],
-                    pr["avg"][k],
-                ]
-            )
+        from app.evaluation import report_table
+
         click.echo(
             f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}) "
             f"against {results[0]['database']} items "
             f"({', '.join(ws.project.eval_database)}), K={k}"
         )
-        click.echo(
-            table(
-                [
-                    "target",
-                    "kind",
-                    f"AvG@{k}",
-                    f"P@{k}",
-                    f"mAP@{k}",
-                    f"random AvG@{k}",
-                    f"random P@{k}",
-                    f"random mAP@{k}",
-                    f"label-prior AvG@{k}",
-                ],
-                rows,
-            )
-        )
+        headers, rows = report_table(results, k)
+        click.echo(table(headers, rows, right=set(range(2, len(headers)))))
     if plot:
         from app.evaluation import plot_metrics
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.executors import Executor, SyncExecutor
-from engine.progress import Progress
+from engine.progress import Channel, Progress
 from engine.refs import (
     AllInput,
     ChainWire,
@@ -223,11 +223,12 @@ class Builder:
         self.graph, self.items, self.sources = graph, items, sources
         self.store, self.executor = store, executor
         self.retry_failed, self.fail_fast = retry_failed, fail_fast
-        self.progress = Progress(progress)
+        self.progress = Progress(progress, log)
         self.batch_override = batch_size
-        self.log = log or (lambda msg: None)
+        self.log = lambda msg: self.progress.write(msg, log)
         self.limits = limits
-        self.ctx = TaskContext.of(store.url, storage_options)
+        self.channel = Channel()  # the nodes' own progress reports (flow.progress)
+        self.ctx = TaskContext.of(store.url, storage_options, self.channel.name)
         self.catalogs = catalogs if catalogs is not None else {}
         # the catalogs this build loads are its own: it saves them when it ends
         # (a caller that keeps its catalogs decides when they are saved)
@@ -488,7 +489,7 @@ class Builder:
                         name = futs[fut]
                         r = self.report.steps.setdefault(name, StepReport())
                         r.tasks += 1
-                        self.progress.update(name, 1)
+                        self.progress.finish(name)
                         try:
                             m = self.executor.result(fut)
                         except Exception as e:
@@ -554,18 +555,25 @@ class Builder:
         """Wait for any future, in short polls so that Ctrl-C is noticed between them."""
         while True:
             done, pending = self.executor.wait_any(futures, timeout=0.2)
+            for r in self.channel.drain():
+                self.progress.report(r)
             if self._interrupted or (self._cancel is not None and self._cancel.is_set()):
+                self.channel.cancelled = True  # a fit in a thread stops at its next report
                 raise KeyboardInterrupt
+            self.progress.tick()
             if done:
                 return done, pending
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # A KeyboardInterrupt raised inside concurrent.futures.wait can leave a
         # future's lock held and hang the worker threads for good; so the first
-        # Ctrl-C only sets a flag that _wait acts on.  A second one raises at once.
+        # Ctrl-C (or SIGTERM) only sets a flag that _wait acts on -- also while a
+        # local cluster starts, which then starts completely and is closed.  A
+        # second one raises at once.
         if self._interrupted:
             raise KeyboardInterrupt
         self._interrupted = True
+        self.channel.cancelled = True
 
     # -- the whole build ----------------------------------------------------------
 
@@ -573,17 +581,21 @@ class Builder:
         import signal
         import threading
 
-        handler = None
+        handlers = {}
         if (
             not isinstance(self.executor, SyncExecutor)
             and threading.current_thread() is threading.main_thread()
         ):
-            handler = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_sigint)
+        self.executor.subscribe(self.channel.name, self.channel.on_event)
         try:
             return self._run()
         finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+            self.executor.unsubscribe(self.channel.name)
+            self.channel.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
 
     def _run(self) -> BuildReport:
         t0 = time.perf_counter()
@@ -600,7 +612,7 @@ class Builder:
             for item_steps, set_steps in phases(self.graph):
                 if self._cancel is not None and self._cancel.is_set():
                     raise KeyboardInterrupt
-                if self._stop:
+                if self._stop or self._interrupted:
                     break
                 if item_steps and any(not p.steps[n].done for n in item_steps):
                     self._run_item_phase(p, item_steps)
@@ -623,6 +635,8 @@ class Builder:
             )
         finally:
             self.progress.close()
+        # a Ctrl-C that came when nothing was left to wait for still stops the build
+        self.report.interrupted = self.report.interrupted or self._interrupted
         current = p_at == self._submitted and not self.report.error and not self.report.interrupted
         after = p if current else self.plan()
         self.report.after = after

@@ -20,6 +20,7 @@ passes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ __all__ = [
     "SyncExecutor",
     "ThreadExecutor",
     "get_executor",
+    "local_cluster",
     "tls_security",
 ]
 
@@ -69,6 +71,14 @@ class Executor:
     def cancel(self, futures: Iterable) -> None:
         for f in futures:
             f.cancel()
+
+    def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None:
+        """Call ``handler(event)`` for each event tasks send on ``topic`` from other
+        processes (Dask's ``log_event``); executors running tasks in this process
+        have none to forward."""
+
+    def unsubscribe(self, topic: str) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -127,24 +137,33 @@ class DaskExecutor(Executor):
         retries: int = 2,
         cluster: Any = None,
     ):
-        import logging
-
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         self.retries = retries
         self._cluster = None
         if cluster is not None:
             self.client = Client(cluster, security=security)
         elif address is None:
+            import logging
+
             n = n_workers or os.cpu_count() or 1
-            self._cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-                silence_logs=logging.ERROR,
-            )
-            self.client = Client(self._cluster)
+            # the scheduler runs here: its chatter when workers go (a Ctrl-C, the
+            # close at the end) is not the user's business; errors still show
+            quiet = logging.getLogger("distributed")
+            self._log_level = quiet.level
+            quiet.setLevel(max(logging.ERROR, quiet.level))
+            self._cluster = local_cluster(n)
+            try:
+                self.client = Client(self._cluster)
+                self.client.wait_for_workers(n, timeout=WORKERS_START_TIMEOUT)
+            except BaseException as e:
+                self._cluster.close()
+                if isinstance(e, TimeoutError):
+                    raise FlowError(
+                        f"the local Dask cluster's {n} worker(s) did not start within "
+                        f"{WORKERS_START_TIMEOUT:.0f} s"
+                    ) from None
+                raise
         else:
             self.client = Client(address, security=security, timeout="30s")
         self.dashboard = getattr(self.client, "dashboard_link", None)
@@ -175,12 +194,112 @@ class DaskExecutor(Executor):
         if futures:
             self.client.cancel(futures)
 
+    def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None:
+        self.client.subscribe_topic(topic, handler)
+
+    def unsubscribe(self, topic: str) -> None:
+        with contextlib.suppress(Exception):  # a lost scheduler: nothing to undo
+            self.client.unsubscribe_topic(topic)
+
     def close(self) -> None:
         try:
             self.client.close()
         finally:
             if self._cluster is not None:
-                self._cluster.close()
+                try:
+                    self._cluster.close()
+                finally:
+                    import logging
+
+                    logging.getLogger("distributed").setLevel(self._log_level)
+
+
+#: seconds a local cluster's workers may take to start and connect
+WORKERS_START_TIMEOUT = 120.0
+
+
+def local_cluster(n_workers: int, threads_per_worker: int = 1) -> Any:
+    """A local ``dask.distributed`` cluster: its scheduler in this process, each worker
+    (a nanny and its worker process) started with ``python -m dask spec`` in a
+    session of its own.
+
+    A terminal's Ctrl-C (SIGINT to the whole foreground process group) therefore
+    reaches the build's client only: it stops the build and closes the cluster,
+    instead of killing workers while they start (``LocalCluster``'s workers share
+    the terminal's process group: an interrupt during start-up printed their
+    tracebacks and left the build without workers).  A worker whose client died
+    without closing it exits ``death_timeout`` seconds after losing the scheduler.
+    """
+    import logging
+
+    from distributed import Scheduler
+    from distributed.deploy.spec import SpecCluster
+    from distributed.worker_memory import parse_memory_limit
+
+    worker = {
+        "cls": _session_worker(),
+        "options": {
+            "worker_kwargs": {
+                "host": "127.0.0.1",
+                "nthreads": threads_per_worker,
+                "memory_limit": parse_memory_limit(
+                    "auto", threads_per_worker, n_workers, logger=logging.getLogger(__name__)
+                ),
+                "death_timeout": 60,
+                "silence_logs": logging.ERROR,
+            }
+        },
+    }
+    return SpecCluster(
+        workers={i: worker for i in range(n_workers)},
+        scheduler={
+            "cls": Scheduler,
+            "options": {"host": "127.0.0.1", "port": 0, "dashboard_address": ":0"},
+        },
+        worker=worker,
+        name="flow-local",
+        silence_logs=logging.ERROR,
+    )
+
+
+_SESSION_WORKER: list[type] = []
+
+
+def _session_worker() -> type:
+    """distributed's ``SubprocessWorker``, started in a new session (defined on first
+    use: importing distributed costs a second that a no-op build never pays)."""
+    if _SESSION_WORKER:
+        return _SESSION_WORKER[0]
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    from distributed.deploy.subprocess import SubprocessWorker
+
+    class SessionWorker(SubprocessWorker):
+        async def _start(self) -> None:
+            spec = {"cls": self.worker_class, "opts": {**self.worker_kwargs, "name": self.name}}
+            cmd = [sys.executable, "-m", "dask", "spec", self.scheduler, "--spec", json.dumps(spec)]
+            self.process = await asyncio.create_subprocess_exec(
+                *cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=_worker_env()
+            )
+
+    _SESSION_WORKER.append(SessionWorker)
+    return SessionWorker
+
+
+def _worker_env() -> dict[str, str]:
+    """This process's environment, with the folder flow's packages are imported from
+    on PYTHONPATH (a checkout run without installing it) and quiet Dask logs."""
+    import engine
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    env.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    return env
 
 
 class LazyExecutor(Executor):
@@ -198,6 +317,7 @@ class LazyExecutor(Executor):
     ):
         self._start, self._on_start, self._ex, self.name = start, on_start, None, name
         self.threads_below, self._workers = threads_below, workers
+        self._topics: dict[str, Callable[[Any], None]] = {}
 
     def expect(self, p: Plan) -> None:
         """Told the plan before any work: when fewer than ``threads_below`` item
@@ -219,9 +339,21 @@ class LazyExecutor(Executor):
     def started(self) -> Executor:
         if self._ex is None:
             self._ex = self._start()
+            for topic, handler in self._topics.items():
+                self._ex.subscribe(topic, handler)
             if self._on_start is not None:
                 self._on_start(self._ex)
         return self._ex
+
+    def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None:
+        self._topics[topic] = handler
+        if self._ex is not None:
+            self._ex.subscribe(topic, handler)
+
+    def unsubscribe(self, topic: str) -> None:
+        self._topics.pop(topic, None)
+        if self._ex is not None:
+            self._ex.unsubscribe(topic)
 
     @property
     def n_workers(self) -> int:  # type: ignore[override]

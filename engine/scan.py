@@ -25,7 +25,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import NamedTuple
 
@@ -108,27 +108,79 @@ def scan_folder(
     extensionless: bool = False,
     *,
     under: str = "",
+    by_content: bool = False,
+    known: Callable[[str, FileStat], bool] | None = None,
+    skipped: dict[str, list[str]] | None = None,
 ) -> tuple[list[str], list[FileStat]]:
     """Relative paths (``/``-separated, sorted) and stats of the files under ``root``.
 
     ``include``/``exclude`` are glob patterns matched against the file name
     and the relative path; ``extensionless=True`` also takes files without an
-    extension (DICOM archives often name files ``IM0001``).  ``under``: only
-    the files in this sub-folder (a relative path; paths stay relative to
-    ``root``), as the whole scan would find them.
+    extension (DICOM archives often name files ``IM0001``).  ``by_content=True``
+    also takes any other file (not excluded) whose first bytes say DICOM (the
+    ``DICM`` preamble), PNG or JPEG (:func:`image_kind`) -- a DICOMDIR export's
+    files have no extension -- except a ``DICOMDIR`` index itself; ``known(rel,
+    stat)`` says a file was taken before (its stat unchanged), so it is not
+    read again.  ``skipped``: filled with the files not taken, by reason.
+    ``under``: only the files in this sub-folder (a relative path; paths stay
+    relative to ``root``), as the whole scan would find them.
     """
     with paused_gc():
-        return _scan_folder(root, include, exclude, extensionless, under)
+        return _scan_folder(
+            root, include, exclude, extensionless, under, by_content, known, skipped
+        )
+
+
+#: why a file under a source folder is not an item
+SKIP_HIDDEN = "hidden (a name starting with '.')"
+SKIP_NAME = "not an image: neither its name nor its content is DICOM, PNG or JPEG"
+SKIP_EXCLUDED = "excluded by the source's exclude patterns"
+SKIP_DICOMDIR = "a DICOMDIR (the export's index of its files, not an image)"
+SKIP_LINK = "a link out of the source folder"
+SKIP_UNREADABLE = "unreadable"
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def image_kind(head: bytes) -> str | None:
+    r"""``"dicom"``, ``"png"``, ``"jpeg"`` from a file's first 132 bytes, or None.
+
+    >>> image_kind(bytes(128) + b"DICM"), image_kind(b"\xff\xd8\xff\xe0"), image_kind(b"GIF8")
+    ('dicom', 'jpeg', None)
+    """
+    if head[128:132] == b"DICM" or head[:4] == b"DICM":
+        return "dicom"
+    if head.startswith(_PNG):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    return None
+
+
+def _sniff(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return image_kind(f.read(132))
+    except OSError:
+        return None
 
 
 def _scan_folder(
-    root, include, exclude, extensionless, under: str = ""
+    root,
+    include,
+    exclude,
+    extensionless,
+    under: str = "",
+    by_content: bool = False,
+    known: Callable[[str, FileStat], bool] | None = None,
+    skipped: dict[str, list[str]] | None = None,
 ) -> tuple[list[str], list[FileStat]]:
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root} does not exist or is not a folder")
     wanted = _matcher(include, exclude, extensionless)
     suffixes = _suffixes_only(include, exclude, extensionless)
+    excluded = re.compile("|".join(map(fnmatch.translate, exclude))).match if exclude else None
     rels: list[str] = []
     stats: list[FileStat] = []
     under = under.strip("/")
@@ -147,10 +199,14 @@ def _scan_folder(
             for e in entries:
                 name = e.name
                 if name[0] == ".":
+                    if skipped is not None:
+                        skipped.setdefault(SKIP_HIDDEN, []).append(pre + name)
                     continue
                 try:
                     if e.is_symlink():
                         if not _within(root, e.path):
+                            if skipped is not None:
+                                skipped.setdefault(SKIP_LINK, []).append(pre + name)
                             continue  # never follow a link out of the source root
                         if e.is_dir():
                             stack.append(pre + name)
@@ -159,19 +215,52 @@ def _scan_folder(
                         stack.append(pre + name)
                         continue
                     if suffixes is not None:  # the common patterns (*.dcm, *.png...)
-                        if not name.endswith(suffixes):
-                            continue
-                    elif not wanted(name, pre + name):
-                        continue
+                        take = name.endswith(suffixes)
+                    else:
+                        take = wanted(name, pre + name)
+                    if not take and (
+                        not (by_content or skipped is not None)
+                        or (excluded is not None and (excluded(name) or excluded(pre + name)))
+                    ):
+                        continue  # excluded on purpose: not even a stat
                     if not e.is_file():
                         continue
                     st = e.stat()
                 except OSError:  # gone under the scan, or unreadable: not listed
                     continue
+                fs = _new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino))
+                if not take:
+                    why = _why_not(root, pre + name, fs, exclude, by_content, known)
+                    if why:
+                        if skipped is not None:
+                            skipped.setdefault(why, []).append(pre + name)
+                        continue
                 add_rel(pre + name)
-                add_stat(_new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino)))
+                add_stat(fs)
     order = sorted(range(len(rels)), key=rels.__getitem__)
     return [rels[i] for i in order], [stats[i] for i in order]
+
+
+def _why_not(
+    root: str,
+    rel: str,
+    st: FileStat,
+    exclude: Sequence[str],
+    by_content: bool,
+    known: Callable[[str, FileStat], bool] | None,
+) -> str:
+    """Why a file the name patterns did not take is not an item ("": it is one,
+    recognised by its content)."""
+    name = rel.rpartition("/")[2]
+    if exclude and any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in exclude):
+        return SKIP_EXCLUDED
+    if not by_content:
+        return SKIP_NAME
+    if name.upper() == "DICOMDIR":
+        return SKIP_DICOMDIR
+    if known is not None and known(rel, st):
+        return ""  # taken before, unchanged since: not read again
+    return "" if _sniff(os.path.join(root, rel)) else SKIP_NAME
 
 
 def _within(root: str, path: str) -> bool:
@@ -200,6 +289,8 @@ def stat_file(
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = (),
     extensionless: bool = False,
+    *,
+    by_content: bool = False,
 ) -> FileStat | None:
     """The stat of one file as :func:`scan_folder` would list it, or None where
     the scan would not list it (gone, filtered out, hidden, not a regular file,
@@ -211,7 +302,8 @@ def stat_file(
     folder, _, name = rel.rpartition("/")
     if not name or name[0] == "." or (folder and not _reachable(root, folder)):
         return None
-    if not _matcher(include, exclude, extensionless)(name, rel):
+    take = _matcher(include, exclude, extensionless)(name, rel)
+    if not take and not by_content:
         return None
     path = os.path.join(root, rel)
     try:
@@ -222,7 +314,10 @@ def stat_file(
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return _new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino))
+    fs = _new_stat(FileStat, (st.st_size, st.st_mtime_ns, st.st_ino))
+    if not take and _why_not(root, rel, fs, exclude, by_content, None):
+        return None
+    return fs
 
 
 def _suffixes_only(include: Sequence[str], exclude: Sequence[str], bare: bool):
@@ -329,6 +424,15 @@ class StatCache:
                     same = e[:3] == (int(st[i, 0]), int(st[i, 1]), int(st[i, 2]))
                     out[i] = e[3] if same and old_enough[i] else None
         return out
+
+    def holds(self, rel: str, st: FileStat) -> bool:
+        """Whether the key of ``rel`` with this very stat is remembered (the file was
+        an item at an earlier scan and is unchanged since)."""
+        e = self._new.get(rel)
+        if e is not None:
+            return e[:3] == (int(st[0]), int(st[1]), int(st[2]))
+        r = self._rows().get(rel)
+        return r is not None and tuple(int(v) for v in self._meta[r]) == tuple(st)
 
     def update(self, rel: str, st: FileStat, k: bytes) -> None:
         self._new[rel] = (int(st.size), int(st.mtime_ns), int(st.ino), bytes(k))

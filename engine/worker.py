@@ -61,10 +61,11 @@ class TaskContext:
 
     store_url: str
     storage_options: str = "{}"
+    progress: str = ""  # the build's progress channel (engine.progress.Channel)
 
     @classmethod
-    def of(cls, url: str, options: dict | None = None) -> TaskContext:
-        return cls(url, json.dumps(options or {}, sort_keys=True))
+    def of(cls, url: str, options: dict | None = None, progress: str = "") -> TaskContext:
+        return cls(url, json.dumps(options or {}, sort_keys=True), progress)
 
     def store(self):
         return _open_store(self.store_url, self.storage_options)
@@ -483,6 +484,8 @@ def run_set(
 
     ``inputs`` has one entry per node input.
     """
+    from engine.progress import task_sink
+    from flow.reporting import reporting
     from store.objects import write_object
     from store.outputs import ItemResult, canonical_output
 
@@ -497,7 +500,9 @@ def run_set(
     rk = item_key(step.prefix, digests)
     t0 = time.perf_counter()
     try:
-        value = canonical_output(step.node.fn(*args, **step.params), node=step.node.name)
+        with reporting(task_sink(ctx.progress, step.name)):
+            out = step.node.fn(*args, **step.params)
+        value = canonical_output(out, node=step.node.name)
         res = ItemResult("", rk, tuple(digests), value, key(value), None)
     except Exception as e:
         res = ItemResult("", rk, tuple(digests), error=_error(e))

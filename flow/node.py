@@ -47,7 +47,9 @@ depend on: the contents of every loaded module file of the package, the values
 of their module-level constants, and this file.  Closures are never cached.
 
 Execution hints (``batch_size``, ``batched``) stay out of the key: they never
-change the bytes a node produces.
+change the bytes a node produces.  So do statements that only report progress
+(``progress(epoch + 1, epochs, loss=...)``, :mod:`flow.reporting`): a node may
+add them without changing its key.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flow.keys import Key, key
+from flow.reporting import progress
 from flow.values import Blob
 
 __all__ = ["Blob", "Items", "Node", "fingerprint", "node"]
@@ -148,6 +151,30 @@ def _strip(tree: ast.AST, *, top: bool) -> ast.AST:
     return tree
 
 
+def _without_reports(tree: ast.AST, namespace: dict) -> ast.AST:
+    """Drop the statements that only call :func:`flow.progress` (found by name in the
+    module, or as ``flow.progress``): a report cannot change what a node returns."""
+
+    def is_report(stmt: Any) -> bool:
+        if not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)):
+            return False
+        f = stmt.value.func
+        if isinstance(f, ast.Name):
+            return namespace.get(f.id) is progress
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            mod = namespace.get(f.value.id)
+            return isinstance(mod, types.ModuleType) and getattr(mod, f.attr, None) is progress
+        return False
+
+    for n in ast.walk(tree):
+        for field_name in ("body", "orelse", "finalbody"):
+            stmts = getattr(n, field_name, None)
+            if isinstance(stmts, list) and any(is_report(x) for x in stmts):
+                kept = [x for x in stmts if not is_report(x)]
+                setattr(n, field_name, kept or ([ast.Pass()] if field_name == "body" else []))
+    return tree
+
+
 def _unannotated(stmt: Any) -> Any:
     """``y: float = v`` -> ``y = v``; a bare ``y: float`` -> ``pass``."""
     if not isinstance(stmt, ast.AnnAssign):
@@ -198,13 +225,14 @@ def _code(obj: Any, top: bool, package: str) -> tuple[str, list[tuple[str, Any]]
     if hit is not None and hit[2] == package:
         return hit[0], hit[1]
     tree = _strip(_source_tree(obj), top=top)
-    out: list[str] = []
-    _dump(tree, out)
     namespace = dict(vars(sys.modules[obj.__module__]))
     if isinstance(obj, types.FunctionType) and obj.__closure__:
         for var, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
             with contextlib.suppress(ValueError):  # an empty cell
                 namespace[var] = cell.cell_contents
+    tree = _without_reports(tree, namespace)
+    out: list[str] = []
+    _dump(tree, out)
     dump, refs = "".join(out), _referenced(tree, namespace, package)
     with contextlib.suppress(TypeError):
         memo[obj] = (dump, refs, package)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from flow import progress
 from nodes._threads import POOLS
 
 # Training changes process-wide torch state (threads, deterministic mode):
@@ -274,6 +275,9 @@ def trained_network(
                 opt.step()
                 sched.step()
                 losses.append(float(value.detach()))
+            progress(
+                len(losses) // steps_per_epoch, epochs, loss=np.mean(losses[-steps_per_epoch:])
+            )
         tail = losses[-steps_per_epoch:] or [float("nan")]
         parts = {"": net} | ({"head.": head} if cls_weight > 0 else {})
         state = {

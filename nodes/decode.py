@@ -21,7 +21,10 @@ see ``_EXCLUDED_PLUGINS``), PNG and JPEG through Pillow.  Nothing here is a code
 * Multi-frame, ``frame=``: ``"middle"`` decodes only frame ``n // 2`` (0-based),
   ``"first"`` only frame 0, ``"mean"`` all frames, taken through the rules above with one
   min-max over the whole stack, then averaged.
-* PNG/JPEG: scaled by the format's full range (255; 65535 for 16-bit gray; 1 for 1-bit),
+* PNG/JPEG: scaled by the format's full range (255; 1 for 1-bit); 16-bit gray by the
+  range of the bits its values use (``2**b - 1``, the smallest ``b`` of 8, 10, 12, 14,
+  16 holding its largest value: :func:`_stored_range`), as PNG carries no BitsStored
+  -- a 16-bit PNG of 8-bit values decodes as the 8-bit PNG does;
   EXIF orientation applied, palettes expanded, color to luma, alpha composited on black
   (``gray * alpha``: transparent reads as 0, like normalize's padding).  An animated PNG
   gives its first frame.
@@ -544,7 +547,7 @@ def _pillow_gray(im: Any) -> np.ndarray:
         gray = a[..., 0] if mode == "LA" else a
         gray = gray.astype(np.float64) * (1.0 / 255.0)
     elif mode in ("I;16", "I;16B", "I;16L", "I"):
-        gray = a.astype(np.float64) * (1.0 / 65535.0)
+        gray = a.astype(np.float64) * (1.0 / _stored_range(a))
     elif mode in ("RGB", "RGBA"):
         gray = _luma(a, 255.0)
     else:
@@ -552,6 +555,19 @@ def _pillow_gray(im: Any) -> np.ndarray:
     if mode in ("LA", "RGBA"):
         gray *= a[..., -1] * (1.0 / 255.0)  # composite on black
     return gray
+
+
+def _stored_range(a: np.ndarray) -> float:
+    """What a 16-bit gray PNG's values are scaled by: ``2**b - 1`` for the smallest
+    ``b`` of 8, 10, 12, 14, 16 that holds its largest value (PNG has no BitsStored).
+
+    So a 16-bit PNG of 8-bit values (0-255) decodes exactly as the 8-bit PNG of the
+    same values, and 12-bit data (0-4095) fills the range instead of its 16th."""
+    top = int(a.max()) if a.size else 0
+    for b in (8, 10, 12, 14, 16):
+        if top < 1 << b:
+            return float((1 << b) - 1)
+    return float(top)
 
 
 # --------------------------------------------------------------------------

@@ -41,9 +41,9 @@ class Recorder:
         self.scans = 0
         real_scan = Project.scan
 
-        def scan(project, src):
+        def scan(project, src, **kw):
             self.scans += 1
-            return real_scan(project, src)
+            return real_scan(project, src, **kw)
 
         def build(ws: Workspace, targets, **kw):
             assert targets == "all" and kw["progress"] is False

@@ -116,7 +116,9 @@ def test_query_every_target(project):
     out = run(project, "query", str(project / "png" / "p0.png"), "-t", "bovw", "-k", "3")
     assert "rank" in out and "png/p0.png" in out
     out = run(project, "query", str(project / "png" / "p0.png"), "-t", "cnn", "-k", "3")
-    assert "rank" in out and len(out.strip().splitlines()) == 5  # header, rule, 3 hits
+    # the query's own labels (it is an item), header, rule, 3 hits
+    assert out.startswith("query png/p0.png: labels Cardiomegaly\n")
+    assert "rank" in out and len(out.strip().splitlines()) == 6
 
 
 def test_query_montage(project, tmp_path):
@@ -146,7 +148,9 @@ def test_eval_reports_metrics_beside_random(project, tmp_path):
         # the label-prior baseline ignores the image: the same for every target
         assert d["prior"] == docs[0]["prior"]
     table = run(project, "eval", "-k", "5")
-    assert "label-prior AvG@5" in table and "random AvG@5" in table
+    # every baseline, every metric: a row per ranking, a column per metric
+    assert "AvG@5" in table and "mAP@5" in table
+    assert all(f"  {b}  " in table for b in ("random", "label prior"))
     assert plot.stat().st_size > 10_000
 
 

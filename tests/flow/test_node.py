@@ -113,6 +113,14 @@ COSMETIC = {
 }
 
 
+COSMETIC["progress reports"] = lambda s: s.replace(
+    "from flow import node", "import flow\nfrom flow import node, progress"
+).replace(
+    "    y = scaled(image, gain)\n",
+    "    progress(0, 2, loss=1.0)\n    y = scaled(image, gain)\n    flow.progress(1, 2)\n",
+)
+
+
 @pytest.mark.parametrize("change", COSMETIC.values(), ids=COSMETIC.keys())
 def test_fingerprint_ignores_what_does_not_change_behaviour(load, change):
     variant = change(MOD)
@@ -350,3 +358,29 @@ def test_fingerprint_disk_cache_follows_sources_and_constants(tmp_path):
     assert fp(helpers.replace("_LIMIT = 10.0", "_LIMIT = 11.0")) not in (a, b)
     assert fp(helpers, scale="2") != a  # a constant computed at import time
     assert fp(helpers) == a
+
+
+def test_a_progress_report_is_not_code_but_what_it_reports_from_is(load):
+    """Only a statement that *only* reports is left out: a report inside an
+    expression, or a function of another name, still counts."""
+    reported = MOD.replace("from flow import node", "from flow import node, progress")
+    inline = reported.replace(
+        "    y = scaled(image, gain)\n", "    y = scaled(image, gain) + (progress(1, 1) or 0)\n"
+    )
+    assert load(mod=inline).fingerprint != load().fingerprint
+    other = MOD.replace(
+        "    y = scaled(image, gain)\n", "    print(1, 2)\n    y = scaled(image, gain)\n"
+    )
+    assert load(mod=other).fingerprint != load().fingerprint
+
+
+def test_progress_reports_reach_the_sink_set_for_the_block():
+    from flow import progress
+    from flow.reporting import reporting
+
+    got = []
+    progress(1, 2)  # nowhere: nothing happens
+    with reporting(lambda done, total, info: got.append((done, total, info))):
+        progress(1, 3, loss=np.float32(0.5), stage="warm-up")
+    progress(2, 3)
+    assert got == [(1, 3, {"loss": 0.5, "stage": "warm-up"})]
