@@ -262,12 +262,14 @@ class Workspace:
         return self._items
 
     def shown(self, item_id: str) -> str:
-        """What the user knows an item by: its source file (the id where unknown)."""
+        """What the user knows an item by: its source file, withdrawn ones included
+        (the id where the sources do not have it)."""
         import os
 
-        meta = self.items()[2]
+        self.items()
+        items, _, meta = self.scanned if self.scanned is not None else self.items()
         if "_shown" not in meta:
-            meta["_shown"] = dict(zip(self.items()[0].ids, meta["paths"]))
+            meta["_shown"] = dict(zip(items.ids, meta["paths"]))
         p = meta["_shown"].get(item_id)
         if p is None:
             return item_id

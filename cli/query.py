@@ -58,6 +58,8 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
         doc = {"query": image, "target": target, "results": [h.to_json() for h in hits]}
         if known is not None:
             doc["query_item"] = {"id": known[0], "labels": list(known[1])}
+            if known[0] in files:
+                doc["query_item"]["file"] = files[known[0]]
         for h, r in zip(hits, doc["results"]):
             r["path"] = paths.get(h.id)  # the file to open (None: not in this project)
             if h.id in files:
