@@ -38,7 +38,6 @@ lost, or another checkout's) is an error that says so, never a silent re-key.
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from typing import Any
 from flow.errors import ConfigError
 from flow.keys import key
 
-__all__ = ["SCHEMES", "IdMap", "IdScheme", "record_scheme", "resolve_scheme"]
+__all__ = ["SCHEMES", "IdScheme", "record_scheme", "resolve_scheme"]
 
 SCHEMES = ("keyed", "path")
 MARKER = "ids"  # the ref that records a store's scheme
@@ -176,56 +175,3 @@ def record_scheme(store: Any, scheme: IdScheme) -> None:
     if scheme.scheme == "keyed":
         value["salt"] = scheme.digest
     move_ref(store, MARKER, value, message=f"item ids: {scheme.scheme}")
-
-
-class IdMap:
-    """Item id -> where its image is, for the user who has the sources.
-
-    Kept in the project folder (``.flow/id-map.tsv``), never in the store, and
-    rebuilt by every scan: a cache, not state (keyed ids are a pure function
-    of the names and the salt).  Files inside the project folder are kept
-    relative to it, so a copied project finds its own files."""
-
-    def __init__(self, path: Path, root: Path):
-        self.path = Path(path)
-        self.root = str(root)
-        self._map: dict[str, str] | None = None
-
-    @classmethod
-    def of(cls, project: Any) -> IdMap:
-        return cls(project.root / ".flow" / "id-map.tsv", project.root)
-
-    def save(self, ids: list[str], paths: list[str]) -> None:
-        """Remember where the items ``ids`` are (absolute ``paths``)."""
-        buf = io.StringIO()
-        inside = self.root.rstrip(os.sep) + os.sep
-        n = len(inside)
-        for i, p in zip(ids, paths):
-            buf.write(f"{i}\t{p[n:] if p.startswith(inside) else p}\n")
-        data = buf.getvalue().encode("utf-8", "surrogateescape")
-        try:
-            if self.path.read_bytes() == data:
-                return
-        except OSError:
-            pass
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
-        except OSError:
-            return  # only a cache
-        self._map = None
-
-    def get(self, item_id: str, default: str | None = None) -> str | None:
-        """The file of ``item_id``: relative to the project where inside it."""
-        if self._map is None:
-            self._map = {}
-            try:
-                text = self.path.read_bytes().decode("utf-8", "surrogateescape")
-            except OSError:
-                text = ""
-            for line in text.splitlines():
-                i, _, s = line.partition("\t")
-                self._map[i] = s
-        return self._map.get(item_id, default)

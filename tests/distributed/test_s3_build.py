@@ -239,9 +239,8 @@ def test_flow_command_with_the_store_on_s3(s3, tmp_path):
         assert doc["ok"], doc["failures"]
         assert doc["steps"]["decoded"]["computed"] == 40 and set(doc["refs"]) == {"cnn"}
         assert {"packs", "objects", "refs"} <= set(st.list(""))
-        # nothing went to a local store (.flow/ holds the project's id salt and id map)
-        assert not (root / ".flow" / "store").exists()
-        assert sorted(p.name for p in (root / ".flow").iterdir()) == ["id-map.tsv", "id-salt"]
+        # nothing went to a local store (.flow/ holds the project's id salt only)
+        assert sorted(p.name for p in (root / ".flow").iterdir()) == ["id-salt"]
         rows = _flow(root, "status")
         assert rows and all(r["stale"] == 0 for r in rows), rows
         again = _flow(root, "build")
