@@ -125,44 +125,41 @@ def _relative(ctx, paths: dict[str, str]) -> dict[str, str]:
 @pass_ctx
 @handle_errors
 def evaluate(ctx, targets, k, as_json, plot, scheduler):
-    """Retrieval quality: AvG@K, precision@K and mAP@K of the eval queries.
+    """Retrieval quality of each target, beside random, the image-blind prior and
+    raw pixels computed in the same run.
 
-    Queries are the items of the [eval] queries split, searched in an index
-    of the [eval] database split (built on demand, like any target, and
-    reused); a random ranking of the same database is scored in the same run.
+    Queries are the items of the [eval] queries split, searched in an index of the
+    [eval] database split (built on demand, like any target, and reused).  Metrics:
+    AvG@K, precision@K and mAP@K (a shared label, "No Finding" included), label-macro
+    P@K (every finding weighs alike), abnormal queries' P@K of results sharing a
+    finding, normal queries' P@K of normal results (README: Evaluation).
     """
+    from app.evaluation import evaluate_targets, label_table, report_table
     from cli.build import _targets
 
     ws = ctx.workspace
-    names = _targets(targets)
-    if names == "all":
-        # a region index answers boxes, not images: see BENCHMARKS.md for its hit rate
-        names = [t for t, v in ws.targets.items() if v["kind"] != "regions"]
-    else:
-        for t in names:
-            if ws.targets.get(t, {}).get("kind") == "regions":
-                from flow.errors import ConfigError
-
-                raise ConfigError(
-                    f"flow eval measures whole-image retrieval; {t!r} is a regions target "
-                    "(its hit rate: bench/bench_serve.py --quality)"
-                )
-    k = ws.project.eval_k if k is None else k
-    results = [ws.evaluate(t, k, scheduler=scheduler, log=ctx.debug) for t in names]
+    results = evaluate_targets(ws, _targets(targets), k, scheduler=scheduler, log=ctx.debug)
+    k = results[0]["k"]
     if as_json:
         import json
 
         click.echo(json.dumps(results, indent=2))
     else:
-        from app.evaluation import report_table
-
         click.echo(
-            f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}) "
-            f"against {results[0]['database']} items "
+            f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}: "
+            f"{results[0]['abnormal_queries']} with a finding, "
+            f"{results[0]['normal_queries']} normal) against {results[0]['database']} items "
             f"({', '.join(ws.project.eval_database)}), K={k}"
         )
         headers, rows = report_table(results, k)
         click.echo(table(headers, rows, right=set(range(2, len(headers)))))
+        for r in results:
+            headers, rows = label_table(r)
+            click.echo(f"\nper label, {r['target']}:")
+            click.echo(table(headers, rows, right=set(range(1, len(headers)))))
+    for r in results:
+        for w in r["warnings"]:
+            click.echo(f"warning: {w}", err=True)
     if plot:
         from app.evaluation import plot_metrics
 
