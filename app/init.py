@@ -25,6 +25,8 @@ scheduler = "local"
 # workers = 2          # local cluster size (default: one per core)
 # threads_below = 400  # "local": fewer stale item computations than this run in
 #                      # threads of the flow process (no cluster start-up); 0: never
+# item_timeout = 30    # seconds a file's decode may take (0: no limit), and the
+# item_memory = "2 GiB" # memory it may allocate: past them the item fails, the build goes on
 # [build.tls]          # for a tls:// scheduler (or flow build --tls-ca-file/-cert/-key)
 # ca_file = "ca.pem"
 # cert = "client.pem"
@@ -49,6 +51,23 @@ path = "{images}"
 {labels_line}
 # labels_column = "finding_labels"   # labels joined by labels_separator ("|")
 # split_column = "split"              # e.g. train / val
+
+# [[sources]]             # a DICOMweb archive (QIDO-RS / WADO-RS), e.g. Orthanc
+# name = "pacs"
+# dicomweb = "http://pacs:8042/dicom-web"
+# username = "flow"
+# password_env = "PACS_PASSWORD"   # or token_env = "PACS_TOKEN"; ca_file = "ca.pem"
+
+# [receive]               # `flow receive`: a DICOM Storage SCP (C-STORE)
+# folder = "incoming"     # instances are stored here, then built as studies settle
+# ae_title = "FLOW"
+# port = 11112
+# allowed = ["CT01"]      # calling AE titles accepted (default: any)
+# settle = 2.0            # seconds without an instance before a study is built
+
+# [ids]                   # item ids are keyed hashes of file names (no patient names
+# scheme = "keyed"        # in the store); "path" keeps paths; the salt is kept in
+# salt_file = ".flow/id-salt"   # the project folder, never in the store
 
 [train]
 # Items of these splits train the fit nodes (vocabulary, embedder, coder).

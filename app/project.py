@@ -9,9 +9,15 @@ Paths are relative to the folder that holds ``flow.toml``.  The project
 turns its sources into the build's items:
 
 * every file under each source folder (recursively) that matches the
-  source's ``include`` patterns is one item; its id is its path relative to
-  the folder (prefixed with ``<source name>/`` when there are several
-  sources);
+  source's ``include`` patterns is one item, named by its path relative to
+  the folder (prefixed with ``<source name>/``); its id is a keyed hash of
+  that name, or the name itself where ``[ids] scheme = "path"`` (see
+  :mod:`app.ids`: no patient's name in a folder reaches the store);
+* a ``dicomweb = "http://..."`` source lists an archive's instances with
+  QIDO-RS and fetches new ones into a local content-addressed cache
+  (:mod:`app.dicomweb`); each instance is one item;
+* ``[receive]`` (``flow receive``, :mod:`app.receive`) adds its storage folder
+  as a source named ``received``;
 * an optional labels CSV gives each item its labels (multi-label, joined by
   ``labels_separator``) and its split, matched on the file's relative path,
   its file name, or a DICOM identifier (``join = "SOPInstanceUID"``);
@@ -30,18 +36,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.inbound import (
+    DicomwebSource,
+    ReceiveConfig,
+    dicomweb_source,
+    item_limits,
+    parse_size,
+    receive_config,
+)
 from engine.refs import ValueRef
 from engine.scan import DEFAULT_INCLUDE, FileRefs, StatCache, file_keys, paused_gc, scan_folder
 from flow.errors import ConfigError
 from flow.keys import key
 from flow.plan import ItemTable
 
-__all__ = [
+__all__ = [  # DicomwebSource, ReceiveConfig, parse_size: app.inbound, kept here too
+    "DicomwebSource",
     "Project",
+    "ReceiveConfig",
     "SourceFolder",
     "SourceReport",
     "load_project",
     "open_project_store",
+    "parse_size",
     "project_text",
     "write_project",
 ]
@@ -86,6 +103,10 @@ class Project:
     threads_below: int = 400  # local builds with less stale item work run in threads
     tls: dict = field(default_factory=dict)  # [build.tls]: ca_file, cert, key (absolute)
     cluster: dict = field(default_factory=dict)  # [cluster] table (Slurm etc.)
+    ids: dict = field(default_factory=dict)  # [ids]: scheme, salt_file (see app.ids)
+    dicomweb: list[DicomwebSource] = field(default_factory=list)
+    receive: ReceiveConfig | None = None
+    item_limits: tuple[float, int] = (30.0, 2 << 30)  # [build] item_timeout, item_memory
     raw: dict = field(default_factory=dict)
 
     def open_store(self):
@@ -95,20 +116,34 @@ class Project:
 
     # -- items -------------------------------------------------------------------
 
-    def items(self, store=None, *, scans: dict | None = None) -> tuple[ItemTable, Any, dict]:
+    def items(
+        self, store=None, *, scans: dict | None = None, log: Any = None
+    ) -> tuple[ItemTable, Any, dict]:
         """Scan the sources: the item table, where workers find each file, and
-        per-item metadata (``labels``, ``paths``) for queries and reports.
+        per-item metadata (``labels``, ``paths``, ``names``) for queries and reports.
 
         ``scans``: a source's ``scan()`` taken moments ago (by ``flow watch``), by
-        source path, used instead of scanning it again."""
+        source path, used instead of scanning it again.  ``log``: progress lines
+        (a DICOMweb source's listing and downloads)."""
         with paused_gc():  # per-item lists of a whole archive (see paused_gc)
-            return self._items(store, scans or {})
+            return self._items(store, scans or {}, log)
+
+    def folder_sources(self) -> list[SourceFolder]:
+        """The folders to scan: ``[[sources]]`` and the ``[receive]`` folder."""
+        out = list(self.sources)
+        if self.receive is not None:
+            real = os.path.realpath(self.receive.folder)
+            if not any(os.path.realpath(s.path) == real for s in out):
+                out.append(self.receive.source())
+        return out
 
     def scan(
         self, src: SourceFolder, *, known: Any = None, skipped: dict | None = None
     ) -> tuple[list[str], list]:
         """The files of one source: (relative paths, their stats).  ``known`` and
         ``skipped``: see :func:`engine.scan.scan_folder`."""
+        if self.receive is not None and src.path == self.receive.folder:
+            src.path.mkdir(parents=True, exist_ok=True)
         try:
             return scan_folder(
                 src.path,
@@ -122,9 +157,16 @@ class Project:
         except FileNotFoundError as e:
             raise ConfigError(f"{self._where('sources')}: {e}") from None
 
-    def _items(self, store, scans: dict) -> tuple[ItemTable, Any, dict]:
+    def id_scheme(self, store) -> Any:
+        """How item names become ids over ``store`` (see :mod:`app.ids`)."""
+        from app.ids import resolve_scheme
+
+        return resolve_scheme(self, store)
+
+    def _items(self, store, scans: dict, log: Any) -> tuple[ItemTable, Any, dict]:
         from engine.builder import SourceRefs
 
+        names: list[str] = []
         ids: list[str] = []
         paths: list[str] = []
         keys: list[bytes | None] = []
@@ -132,17 +174,26 @@ class Project:
         labels: list[tuple[str, ...]] = []
         splits: list[str] = []
         hashed = 0
-        multi = len(self.sources) > 1
+        folders = self.folder_sources()
+        multi = len(folders) + len(self.dicomweb) > 1
+        scheme = self.id_scheme(store)
+        # path ids keep their old form (no source prefix for a single source)
+        prefixed = multi or scheme.scheme != "path"
         reports = []
-        for src in self.sources:
+        for src in folders:
             cache = StatCache(store, str(src.path)) if store is not None else None
+            pre = f"{src.name}/" if prefixed else ""
             skipped: dict[str, list[str]] = {}
             if src.path in scans:
                 rels, stats = scans[src.path]
             else:
-                known = cache.holds if cache is not None else None
+                known = None
+                if cache is not None:  # keyed: the stat cache records ids, not paths
+                    known = cache.holds if scheme.scheme == "path" else _holds(cache, scheme, pre)
                 rels, stats = self.scan(src, known=known, skipped=skipped)
-            ks, errs, n = file_keys(str(src.path), rels, stats, cache)
+            mine = [pre + rel for rel in rels]
+            masked = scheme.ids(mine) if scheme.scheme != "path" else None
+            ks, errs, n = file_keys(str(src.path), rels, stats, cache, names=masked)
             hashed += n
             if cache is not None:
                 cache.save()
@@ -151,18 +202,31 @@ class Project:
             reports.append(report)
             base = len(ids)
             real = os.path.realpath(src.path)
+            names.extend(mine)
+            ids.extend(masked if masked is not None else mine)
             for i, rel in enumerate(rels):
-                ids.append(f"{src.name}/{rel}" if multi else rel)
                 paths.append(f"{real}/{rel}")
                 lab, split = table.get(i, ((), src.default_split))
                 labels.append(lab)
                 splits.append(split)
             keys.extend(ks)
             errors.update({base + i: r for i, r in errs.items()})
+        for web in self.dicomweb:
+            from app.dicomweb import sync
+
+            listing = sync(web, log=log)
+            mine = [f"{web.name}/{u}" for u in listing.names]
+            names.extend(mine)
+            ids.extend(scheme.ids(mine))
+            paths.extend(listing.paths)
+            keys.extend(listing.keys)
+            labels.extend([()] * len(listing.names))
+            splits.extend([web.default_split] * len(listing.names))
         order = sorted(range(len(ids)), key=ids.__getitem__)
         if len(set(ids)) != len(ids):
             raise ConfigError(f"{self._where('sources')}: two sources give the same item ids")
         ids = [ids[i] for i in order]
+        names = [names[i] for i in order]
         paths = [paths[i] for i in order]
         keys = [keys[i] for i in order]
         labels = [labels[i] for i in order]
@@ -183,11 +247,27 @@ class Project:
                 "labels": [ValueRef(tuple(lab)) for lab in labels],
             }
         )
-        meta = {"labels": labels, "paths": paths, "hashed": hashed, "sources": tuple(reports)}
+        meta = {
+            "labels": labels,
+            "paths": paths,
+            "names": names,
+            "hashed": hashed,
+            "sources": tuple(reports),
+            "scheme": scheme,
+        }
         return items, refs, meta
 
     def _where(self, k: str) -> str:
         return f"{self.file or FILENAME}: [{k}]"
+
+
+def _holds(cache: Any, scheme: Any, pre: str) -> Any:
+    """``StatCache.holds`` by path, for a cache that records keyed ids."""
+
+    def known(rel: str, st: Any) -> bool:
+        return cache.holds(scheme.ids([pre + rel])[0], st)
+
+    return known
 
 
 @dataclass
@@ -295,7 +375,19 @@ def _joined_labels(src: SourceFolder, rels: list[str]) -> dict:
 # loading
 
 
-_TOP = {"store", "build", "sources", "train", "database", "eval", "targets", "nodes", "cluster"}
+_TOP = {
+    "store",
+    "build",
+    "sources",
+    "train",
+    "database",
+    "eval",
+    "targets",
+    "nodes",
+    "cluster",
+    "ids",
+    "receive",
+}
 _SOURCE_KEYS = {
     "name",
     "path",
@@ -453,7 +545,17 @@ def project_from_dict(
         url = str(rel(url))
     build = raw.get("build", {})
     _check_keys(
-        f"{where}: [build]", build, {"scheduler", "workers", "batch_size", "threads_below", "tls"}
+        f"{where}: [build]",
+        build,
+        {
+            "scheduler",
+            "workers",
+            "batch_size",
+            "threads_below",
+            "tls",
+            "item_timeout",
+            "item_memory",
+        },
     )
     tls = build.get("tls", {})
     if not isinstance(tls, dict):
@@ -467,11 +569,18 @@ def project_from_dict(
     raw_sources = raw.get("sources", [])
     if isinstance(raw_sources, dict):
         raw_sources = [raw_sources]
+    dicomweb: list[DicomwebSource] = []
     for n, s in enumerate(raw_sources):
         w = f"{where}: [[sources]] #{n + 1}"
+        default_name = f"source{n + 1}" if len(raw_sources) > 1 else "images"
+        if "dicomweb" in s:
+            dicomweb.append(dicomweb_source(w, s, default_name, root, rel))
+            continue
         _check_keys(w, s, _SOURCE_KEYS)
         if "path" not in s:
-            raise ConfigError(f"{w}: 'path' (a folder of images) is required")
+            raise ConfigError(
+                f"{w}: 'path' (a folder of images) or 'dicomweb' (an archive's URL) is required"
+            )
         for k in ("path", "labels"):
             if k in s and not isinstance(s[k], str):
                 raise ConfigError(f"{w}: {k} must be a path (a string), got {s[k]!r}")
@@ -479,9 +588,7 @@ def project_from_dict(
         if not sep:
             raise ConfigError(f"{w}: labels_separator must not be empty")
         src = SourceFolder(
-            name=_source_value(
-                w, s, "name", f"source{n + 1}" if len(raw_sources) > 1 else "images"
-            ),
+            name=_source_value(w, s, "name", default_name),
             path=rel(s["path"]),
             include=_str_tuple(f"{w} include", s.get("include", list(DEFAULT_INCLUDE))),
             exclude=_str_tuple(f"{w} exclude", s.get("exclude", [])),
@@ -496,8 +603,32 @@ def project_from_dict(
             default_split=_source_value(w, s, "default_split", ""),
         )
         sources.append(src)
-    if not sources:
-        raise ConfigError(f"{where}: no [[sources]]: name at least one folder of images")
+    receive = receive_config(where, raw.get("receive"), rel) if "receive" in raw else None
+    names = [s.name for s in sources] + [d.name for d in dicomweb]
+    if receive is not None:
+        names.append("received")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: [[sources]] names must differ ({', '.join(dup)} repeated)")
+    if not sources and not dicomweb and receive is None:
+        raise ConfigError(
+            f"{where}: no [[sources]]: name at least one folder of images "
+            "(or a DICOMweb archive, or a [receive] table)"
+        )
+    ids = raw.get("ids", {})
+    if not isinstance(ids, dict):
+        raise ConfigError(f"{where}: [ids] must be a table (scheme, salt_file)")
+    _check_keys(f"{where}: [ids]", ids, {"scheme", "salt_file"})
+    from app.ids import SCHEMES
+
+    if "scheme" in ids and ids["scheme"] not in SCHEMES:
+        raise ConfigError(
+            f"{where}: [ids] scheme = {ids['scheme']!r}: use one of {', '.join(SCHEMES)}"
+        )
+    ids = dict(ids)
+    if "salt_file" in ids:
+        ids["salt_file"] = str(rel(str(ids["salt_file"])))
+    limits = item_limits(where, build)
     train = raw.get("train", {})
     _check_keys(f"{where}: [train]", train, {"splits"})
     database = raw.get("database", {})
@@ -555,5 +686,9 @@ def project_from_dict(
         threads_below=threads_below,
         tls=tls,
         cluster=raw.get("cluster", {}),
+        ids=ids,
+        dicomweb=dicomweb,
+        receive=receive,
+        item_limits=limits,
         raw=raw,
     )

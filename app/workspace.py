@@ -97,6 +97,7 @@ class Workspace:
         self._graph: tuple[Graph, dict] | None = None
         self._items: tuple | None = None
         self._scans = scans  # sources scanned already (Project.items)
+        self.source_log: Any = None  # progress lines of source listings (DICOMweb)
         #: item catalogs kept warm by a long-lived caller (``flow watch``), by node
         #: name: builds and plans refresh and use them instead of loading them
         self.catalogs: dict | None = None
@@ -235,7 +236,9 @@ class Workspace:
             if self.scanned is not None and not refresh:
                 items, sources, meta = self.scanned
             else:
-                items, sources, meta = self.project.items(self.store, scans=self._scans)
+                items, sources, meta = self.project.items(
+                    self.store, scans=self._scans, log=self.source_log
+                )
                 self.scanned = (items, sources, meta)
             self._scans = None  # a refresh scans again
             gone = self.forgotten()
@@ -257,6 +260,21 @@ class Workspace:
                     sources.one[name] = ObjectRef(node, bytes.fromhex(rk))
             self._items = (items, sources, meta)
         return self._items
+
+    def shown(self, item_id: str) -> str:
+        """What the user knows an item by: its source file, withdrawn ones included
+        (the id where the sources do not have it)."""
+        import os
+
+        self.items()
+        items, _, meta = self.scanned if self.scanned is not None else self.items()
+        if "_shown" not in meta:
+            meta["_shown"] = dict(zip(items.ids, meta["paths"]))
+        p = meta["_shown"].get(item_id)
+        if p is None:
+            return item_id
+        root = str(self.project.root)
+        return os.path.relpath(p, root) if p.startswith(root + os.sep) else p
 
     def _add_file_source(self, items, sources, name: str, path: str | None) -> None:
         from flow.keys import file_key
@@ -346,6 +364,11 @@ class Workspace:
         from store.catalog import refresh_catalog
 
         names = self._names(targets)
+        from app.ids import record_scheme
+
+        if log is not None and self.source_log is None:
+            self.source_log = log
+        record_scheme(self.store, self.items()[2]["scheme"])
         own = executor is None
         if own and (cluster or (scheduler or self.project.scheduler) == "slurm"):
             from engine.cluster import cluster_executor
@@ -439,8 +462,10 @@ class Workspace:
 
     def _run(self, g: Graph, executor: Any, **kw: Any) -> Any:
         from engine.builder import build as run_build
+        from engine.sandbox import Limits
 
         items, sources, _ = self.items()
+        limits = Limits(*self.project.item_limits)
         return run_build(
             g,
             items,
@@ -449,6 +474,7 @@ class Workspace:
             executor,
             batch_size=self.project.batch_size,
             storage_options=self.project.storage_options,
+            limits=limits if limits.active else None,
             **kw,
         )
 
@@ -759,7 +785,11 @@ def _without(items: Any, sources: Any, meta: dict, ids: set[str], keys: set[byte
         },
     )
     src = SourceRefs({k: [v[i] for i in keep] for k, v in sources.refs.items()}, sources.one)
-    m = {k: ([v[i] for i in keep] if isinstance(v, list) else v) for k, v in meta.items()}
+    m = {
+        k: ([v[i] for i in keep] if isinstance(v, list) else v)
+        for k, v in meta.items()
+        if k != "_shown"
+    }
     m["forgotten"] = len(items.ids) - len(keep)
     return out, src, m
 

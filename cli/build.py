@@ -138,6 +138,8 @@ def build(
         doc["fits"] = built.fits
         doc["unchanged"] = built.unchanged
         doc["incomplete"] = built.incomplete
+        for f in doc["failures"]:  # ids are keyed hashes: the file, for who has it
+            f["file"] = ws.shown(f["id"])
         from cli._fmt import dumps
 
         click.echo(dumps(doc))
@@ -189,7 +191,8 @@ def _print_report(ctx, built) -> None:
             err=True,
         )
         for f in rep.failures[:50]:
-            click.echo(f"  {f.step}: {f.id}: {f.type}: {f.reason}", err=True)
+            shown = ctx.workspace.shown(f.id)  # the file (ids name no path)
+            click.echo(f"  {f.step}: {shown}: {f.type}: {f.reason}", err=True)
             if ctx.verbose and f.traceback:
                 click.echo("    " + f.traceback.replace("\n", "\n    "), err=True)
         if len(rep.failures) > 50:

@@ -48,9 +48,11 @@ def forget(ctx, paths, ids, studies, reason, no_build):
     hold them.  `flow gc --delete` afterwards removes their data from the store.
     """
     ws = ctx.workspace
+    shown = {i: ws.shown(i) for i in ws.items()[0].ids}  # before: forgotten items go
     gone = ws.forget(list(paths), list(ids), list(studies), reason)
+    names = [shown.get(i, i) for i in gone[:10]]  # the files (ids are keyed hashes)
     click.echo(
-        f"withdrew {len(gone)} item(s): {', '.join(gone[:10])}{' ...' if len(gone) > 10 else ''}"
+        f"withdrew {len(gone)} item(s): {', '.join(names)}{' ...' if len(gone) > 10 else ''}"
     )
     pins = ws.pinned()
     if pins:

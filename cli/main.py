@@ -36,6 +36,7 @@ class Context:
             from app.workspace import Workspace
 
             self._ws = Workspace.open(self.project_path, store=self.store_url)
+            self._ws.source_log = self.log  # a DICOMweb source's listing and downloads
         return self._ws
 
     def log(self, msg: str) -> None:

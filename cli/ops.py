@@ -65,7 +65,8 @@ def log(ctx, target, as_json):
             if e.get(what):
                 ids = e[what]
                 more = f" and {len(ids) - 10} more" if len(ids) > 10 else ""
-                click.echo(f"#{e['seq']} {what} {why}: {', '.join(ids[:10])}{more}")
+                names = ", ".join(ctx.workspace.shown(i) for i in ids[:10])  # keyed ids
+                click.echo(f"#{e['seq']} {what} {why}: {names}{more}")
 
 
 @click.command()

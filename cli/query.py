@@ -51,20 +51,26 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
     hits = retr.query(image, k=k, search_k=search_k, roi=box)
     paths, by_path = known_items(ctx.project_path, ctx.store_url)
     known = by_path.get(os.path.realpath(image))  # the query is an item: its own labels
+    files = _relative(ctx, paths)  # ids are keyed hashes: the files, for who has them
     if as_json:
         import json
 
         doc = {"query": image, "target": target, "results": [h.to_json() for h in hits]}
         if known is not None:
             doc["query_item"] = {"id": known[0], "labels": list(known[1])}
+            if known[0] in files:
+                doc["query_item"]["file"] = files[known[0]]
         for h, r in zip(hits, doc["results"]):
             r["path"] = paths.get(h.id)  # the file to open (None: not in this project)
+            if h.id in files:
+                r["file"] = files[h.id]  # the same, relative to the project
         if box:
             doc["roi"] = list(box)
         click.echo(json.dumps(doc, indent=2))
     else:
         if known is not None:
-            click.echo(f"query {known[0]}: labels {'|'.join(known[1]) or '(none)'}")
+            shown = files.get(known[0], known[0])
+            click.echo(f"query {shown}: labels {'|'.join(known[1]) or '(none)'}")
         regions = retr.kind == "regions"
         click.echo(
             table(
@@ -73,7 +79,7 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
                     [
                         h.rank,
                         round(h.distance, 4),
-                        h.id,
+                        files.get(h.id, h.id),
                         *([",".join(map(str, h.box or ()))] if regions else []),
                         "|".join(h.labels),
                     ]
@@ -87,6 +93,19 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
 
         draw(retr, image, hits, paths, montage, known=known)
         ctx.log(f"wrote {montage}")
+
+
+def _relative(ctx, paths: dict[str, str]) -> dict[str, str]:
+    """Item id -> its file, relative to the project folder where inside it."""
+    import os
+
+    from app.project import load_project
+
+    try:
+        root = str(load_project(ctx.project_path, store=ctx.store_url).root) + os.sep
+    except Exception:
+        return dict(paths)
+    return {i: p[len(root) :] if p.startswith(root) else p for i, p in paths.items()}
 
 
 @click.command("eval")
@@ -106,44 +125,41 @@ def query(ctx, image, target, k, search_k, roi, as_json, montage):
 @pass_ctx
 @handle_errors
 def evaluate(ctx, targets, k, as_json, plot, scheduler):
-    """Retrieval quality: AvG@K, precision@K and mAP@K of the eval queries.
+    """Retrieval quality of each target, beside random, the image-blind prior and
+    raw pixels computed in the same run.
 
-    Queries are the items of the [eval] queries split, searched in an index
-    of the [eval] database split (built on demand, like any target, and
-    reused); a random ranking of the same database is scored in the same run.
+    Queries are the items of the [eval] queries split, searched in an index of the
+    [eval] database split (built on demand, like any target, and reused).  Metrics:
+    AvG@K, precision@K and mAP@K (a shared label, "No Finding" included), label-macro
+    P@K (every finding weighs alike), abnormal queries' P@K of results sharing a
+    finding, normal queries' P@K of normal results (README: Evaluation).
     """
+    from app.evaluation import evaluate_targets, label_table, report_table
     from cli.build import _targets
 
     ws = ctx.workspace
-    names = _targets(targets)
-    if names == "all":
-        # a region index answers boxes, not images: see BENCHMARKS.md for its hit rate
-        names = [t for t, v in ws.targets.items() if v["kind"] != "regions"]
-    else:
-        for t in names:
-            if ws.targets.get(t, {}).get("kind") == "regions":
-                from flow.errors import ConfigError
-
-                raise ConfigError(
-                    f"flow eval measures whole-image retrieval; {t!r} is a regions target "
-                    "(its hit rate: bench/bench_serve.py --quality)"
-                )
-    k = ws.project.eval_k if k is None else k
-    results = [ws.evaluate(t, k, scheduler=scheduler, log=ctx.debug) for t in names]
+    results = evaluate_targets(ws, _targets(targets), k, scheduler=scheduler, log=ctx.debug)
+    k = results[0]["k"]
     if as_json:
         import json
 
         click.echo(json.dumps(results, indent=2))
     else:
-        from app.evaluation import report_table
-
         click.echo(
-            f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}) "
-            f"against {results[0]['database']} items "
+            f"{results[0]['queries']} queries ({', '.join(ws.project.eval_queries)}: "
+            f"{results[0]['abnormal_queries']} with a finding, "
+            f"{results[0]['normal_queries']} normal) against {results[0]['database']} items "
             f"({', '.join(ws.project.eval_database)}), K={k}"
         )
         headers, rows = report_table(results, k)
         click.echo(table(headers, rows, right=set(range(2, len(headers)))))
+        for r in results:
+            headers, rows = label_table(r)
+            click.echo(f"\nper label, {r['target']}:")
+            click.echo(table(headers, rows, right=set(range(1, len(headers)))))
+    for r in results:
+        for w in r["warnings"]:
+            click.echo(f"warning: {w}", err=True)
     if plot:
         from app.evaluation import plot_metrics
 

@@ -211,18 +211,22 @@ class Builder:
         known: Mapping[str, Any] | None = None,
         catalogs: dict | None = None,
         cancel: Any = None,
+        limits: Any = None,
     ):
         """``known``: step plans still current (see :func:`flow.plan.plan`), used
         until this build runs something for them; ``catalogs``: item catalogs
         loaded (and kept current) by an earlier build of this process, by node
         name -- the ones missing are loaded and added to it; ``cancel``: an event
-        another thread sets to stop the build as a Ctrl-C would."""
+        another thread sets to stop the build as a Ctrl-C would; ``limits``
+        (:class:`engine.sandbox.Limits`): per-item time and memory limits of the
+        steps that read source files (None: none)."""
         self.graph, self.items, self.sources = graph, items, sources
         self.store, self.executor = store, executor
         self.retry_failed, self.fail_fast = retry_failed, fail_fast
         self.progress = Progress(progress, log)
         self.batch_override = batch_size
         self.log = lambda msg: self.progress.write(msg, log)
+        self.limits = limits
         self.channel = Channel()  # the nodes' own progress reports (flow.progress)
         self.ctx = TaskContext.of(store.url, storage_options, self.channel.name)
         self.catalogs = catalogs if catalogs is not None else {}
@@ -280,9 +284,16 @@ class Builder:
                         ext_names.append(inp.step)
                     wires.append(ExtWire(ext_names.index(inp.step)))
             assert st.node is not None
+            reads_files = any(self.graph[i.step].source == "files" for i in st.inputs)
             steps.append(
                 ChainStep(
-                    name, st.node, asdict(st.params), bytes(st.prefix), tuple(wires), _recipe(st)
+                    name,
+                    st.node,
+                    asdict(st.params),
+                    bytes(st.prefix),
+                    tuple(wires),
+                    _recipe(st),
+                    self.limits if reads_files else None,
                 )
             )
         ones: list[Keyed] = []

@@ -488,15 +488,19 @@ def file_keys(
     stats: Sequence[FileStat],
     cache: StatCache | None,
     threads: int = 4,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[bytes | None], dict[int, str], int]:
     """Keys of the files (from the cache, or hashed in parallel threads).
 
     Returns the keys (None where a file could not be read), the reasons for
-    those, and how many files were hashed.
+    those, and how many files were hashed.  ``names``: what the cache records
+    for each file instead of its path (the project's keyed item ids, so that
+    no folder name reaches the store through the cache).
     """
     now = time.time_ns()
+    names = rels if names is None else names
     with paused_gc():
-        keys = cache.lookup_many(rels, stats, now) if cache is not None else [None] * len(rels)
+        keys = cache.lookup_many(names, stats, now) if cache is not None else [None] * len(rels)
     todo = [i for i, k in enumerate(keys) if k is None]
     errors: dict[int, str] = {}
 
@@ -524,8 +528,8 @@ def file_keys(
                     if err:
                         errors[i] = err
                     elif cache is not None:
-                        cache.update(rels[i], stats[i], k)  # type: ignore[arg-type]
+                        cache.update(names[i], stats[i], k)  # type: ignore[arg-type]
     if cache is not None:
         with paused_gc():
-            cache.prune(rels)
+            cache.prune(names)
     return keys, errors, len(todo)

@@ -88,6 +88,8 @@ class ChainStep:
     prefix: bytes
     wires: tuple[Wire, ...]  # one per node input
     recipe: Any  # store.outputs.Recipe
+    # per-item time and memory limits (engine.sandbox): steps that read source files
+    limits: Any = None
 
 
 @dataclass
@@ -169,16 +171,19 @@ class CorruptInput(FlowError):
 
 
 def _read_source(path: str, expected: bytes | None) -> bytes:
+    # the reasons name no path: they are stored with the item (in its pack's
+    # manifest), and a folder may be named after a patient; the item's id leads
+    # the user who has the sources to the file
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise SourceChanged(f"source file {path} disappeared during the build") from None
+        raise SourceChanged("the source file disappeared during the build") from None
     except OSError as e:
-        raise ItemError(f"cannot read source file {path}: {e.strerror or e}") from None
+        raise ItemError(f"cannot read the source file: {e.strerror or e}") from None
     if expected is not None and bytes_key(data) != expected:
         raise SourceChanged(
-            f"source file {path} changed while the build was running; the next build "
+            "the source file changed while the build was running; the next build "
             "picks up the new content"
         )
     return data
@@ -235,13 +240,25 @@ def _error(exc: BaseException) -> dict:
     }
 
 
-def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared: tuple = ()):
+def _call_items(
+    node: Node,
+    params: dict,
+    args_per_item: list[list[Any]],
+    shared: tuple = (),
+    limits: Any = None,
+):
     """Call an item node over items; yields (value | None, error | None, seconds).
 
     ``shared[j]`` says argument ``j`` is one value for every item (a set
-    step's output): a batched node gets it as is, not as a list.
+    step's output): a batched node gets it as is, not as a list.  ``limits``
+    (:class:`engine.sandbox.Limits`): each item runs contained, in a child
+    process with those time and memory limits.
     """
     from store.outputs import canonical_output
+
+    if limits is not None and limits.active:
+        yield from _call_contained(node, params, args_per_item, shared, limits)
+        return
 
     def finish(raw: Any) -> Any:
         return canonical_output(raw, node=node.name, allow_blobs=False)
@@ -286,6 +303,18 @@ def _call_items(node: Node, params: dict, args_per_item: list[list[Any]], shared
             yield v, None, time.perf_counter() - t0
         except Exception as e:
             yield None, _error(e), time.perf_counter() - t0
+
+
+def _call_contained(node: Node, params: dict, args_per_item, shared: tuple, limits: Any):
+    """One item at a time in this thread's sandbox (see :mod:`engine.sandbox`)."""
+    from engine.sandbox import borrowed
+
+    with borrowed(limits) as box:
+        for args in args_per_item:
+            one = [a if j in shared else [a] for j, a in enumerate(args)] if node.batched else args
+            t0 = time.perf_counter()
+            v, err = box.call(node, params, list(one), node.batched)
+            yield v, err, time.perf_counter() - t0
 
 
 def run_chain(
@@ -393,7 +422,7 @@ def run_chain(
         run = [i for i in todo if i not in bad]
         results: list[ItemResult] = []
         shared = tuple(j for j, w in enumerate(st.wires) if isinstance(w, OneWire))
-        calls = _call_items(st.node, st.params, [args[i] for i in run], shared)
+        calls = _call_items(st.node, st.params, [args[i] for i in run], shared, st.limits)
         for i, (v, err, dt) in zip(run, calls):
             rk = rkeys[i]
             if err is None:

@@ -30,9 +30,13 @@ CNN = {"cnn": {"kind": "cnn"}}
 
 
 def config(**tables) -> dict:
-    """The smallest valid project: one source folder ``images``, one target."""
+    """The smallest valid project: one source folder ``images``, one target.
+
+    Items are named as ``[ids] scheme = "path"`` shows them (the names the default
+    keyed ids hash: tests/app/test_ids.py), so the tests here read as paths."""
     tables.setdefault("sources", {"path": "images"})
     tables.setdefault("targets", CNN)
+    tables.setdefault("ids", {"scheme": "path"})
     return project_config(scheduler=None, **tables)
 
 
@@ -422,8 +426,8 @@ def test_two_sources_of_one_name_cannot_give_the_same_ids(tmp_path):
     files(tmp_path / "one", "a.png")
     files(tmp_path / "two", "a.png")
     sources = [{"path": "one", "name": "x"}, {"path": "two", "name": "x"}]
-    with pytest.raises(ConfigError, match="two sources give the same item ids"):
-        write_and_load(tmp_path, sources=sources).items()
+    with pytest.raises(ConfigError, match="names must differ"):
+        write_and_load(tmp_path, sources=sources)
 
 
 # --------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def project(tmp_path: Path) -> Project:
 
 
 class Recorder:
-    """Stands in for Workspace.build: the item ids each build saw, and scans."""
+    """Stands in for Workspace.build: the items each build saw (their paths in the
+    source, sorted: ids are keyed hashes), and scans."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.builds: list[list[str]] = []
@@ -46,7 +47,8 @@ class Recorder:
 
         def build(ws: Workspace, targets, **kw):
             assert targets == "all" and kw["progress"] is False
-            self.builds.append(list(ws.items()[0].ids))
+            names = ws.items()[2]["names"]  # "<source>/<path in it>"
+            self.builds.append(sorted(n.split("/", 1)[1] for n in names))
             return "built"
 
         monkeypatch.setattr(Project, "scan", scan)

@@ -46,7 +46,11 @@ def run(root: Path, *args: str, code: int | None = 0) -> str:
 
 
 def run_json(root: Path, *args: str, code: int | None = 0):
-    out = run(root, "-q", *args, "--json", code=code)
+    """The command's JSON (its standard output; warnings go to standard error)."""
+    res = CliRunner().invoke(cli, ["-p", str(root), "-q", *args, "--json"], catch_exceptions=False)
+    if code is not None:
+        assert res.exit_code == code, f"flow {' '.join(args)} -> {res.exit_code}\n{res.output}"
+    out = res.stdout
     return json.loads(out[out.index("{") if out.lstrip().startswith("{") else out.index("[") :])
 
 
@@ -106,7 +110,7 @@ def test_query_every_target(project):
         assert all(r["labels"] for r in res)
         if target == "bovw":
             # the probe is in the database: by cosine it finds itself first, at distance ~0
-            assert res[0]["id"] == str(probe.relative_to(project)), (target, res[0])
+            assert res[0]["file"] == str(probe.relative_to(project)), (target, res[0])
             assert res[0]["distance"] < 1e-5
             own = set(res[0]["labels"])
         else:
@@ -140,17 +144,30 @@ def test_eval_reports_metrics_beside_random(project, tmp_path):
     plot = tmp_path / "eval.png"
     docs = run_json(project, "eval", "-k", "5", "--plot", str(plot))
     assert {d["target"] for d in docs} == {"cnn", "bovw", "codes"}
+    metrics = ("avg", "precision", "map", "label_macro", "abnormal", "normal")
     for d in docs:
         assert d["queries"] > 5 and d["database"] > 20
-        for m in ("avg", "precision", "map"):
-            assert set(d["metrics"][m]) == {"1", "2", "3", "4", "5"}
-            assert 0 <= d["metrics"][m]["5"] <= 5 and 0 <= d["random"][m]["5"] <= 5
-        # the label-prior baseline ignores the image: the same for every target
+        assert d["abnormal_queries"] + d["normal_queries"] <= d["queries"]
+        for ranking in ("metrics", "random", "prior", "pixels"):
+            for m in metrics:
+                assert set(d[ranking][m]) == {"1", "2", "3", "4", "5"}, (ranking, m)
+                v = d[ranking][m]["5"]
+                assert v is None or 0 <= v <= (5 if m == "avg" else 1), (ranking, m, v)
+        # the image-blind prior: the same list for every query and every target, all
+        # "No Finding" first here: every normal result for normal queries, no finding shared
         assert d["prior"] == docs[0]["prior"]
+        assert d["prior"]["normal"]["5"] == 1.0 and d["prior"]["abnormal"]["5"] == 0.0
+        # the per-label table: every label with its queries, the target and each baseline
+        table = d["per_label"]
+        assert sum(1 for row in table.values() if row["queries"]) >= 3
+        for row in table.values():
+            assert set(row) >= {"queries", d["target"], "random", "prior", "pixels"}
+        assert isinstance(d["warnings"], list)
     table = run(project, "eval", "-k", "5")
     # every baseline, every metric: a row per ranking, a column per metric
-    assert "AvG@5" in table and "mAP@5" in table
-    assert all(f"  {b}  " in table for b in ("random", "label prior"))
+    assert all(f"{m}@5" in table for m in ("AvG", "mAP", "label-macro P", "abnormal P"))
+    assert all(f"  {b}  " in table for b in ("random", "label prior", "raw pixels"))
+    assert "per label, cnn:" in table
     assert plot.stat().st_size > 10_000
 
 
@@ -184,11 +201,11 @@ def test_a_copied_file_computes_nothing_but_is_indexed(project):
     assert all(v["computed"] == 0 for k, v in doc["steps"].items() if "." not in k), doc["steps"]
     assert [s["count"] for s in doc["refs"]["cnn"]] == [52, 5, 1]  # one more segment
     res = run_json(project, "query", str(src), "-t", "bovw", "-k", "2")["results"]
-    assert {r["id"] for r in res} == {str(src.relative_to(project)), "copies/same.dcm"}
+    assert {r["file"] for r in res} == {str(src.relative_to(project)), "copies/same.dcm"}
     assert res[1]["distance"] == pytest.approx(0.0, abs=1e-6)
     # cnn (findings vectors, inner product): the copy's vector is the original's
     res = run_json(project, "query", str(src), "-t", "cnn", "-k", "58")["results"]
-    dist = {r["id"]: r["distance"] for r in res}
+    dist = {r["file"]: r["distance"] for r in res}
     assert len(res) == 58 and dist["copies/same.dcm"] == dist[str(src.relative_to(project))]
 
 
@@ -205,7 +222,7 @@ def test_broken_files_are_reported_and_the_build_finishes(project):
     assert hist[0]["seq"] == 3
     doc = run_json(project, "build", code=1)
     assert all(s["computed"] == 0 for s in doc["steps"].values())  # not retried
-    assert {f["id"].split("/")[-1] for f in doc["failures"]} >= {"truncated.dcm", "empty.png"}
+    assert {f["file"].split("/")[-1] for f in doc["failures"]} >= {"truncated.dcm", "empty.png"}
     for p in bad:
         p.unlink()
 
@@ -217,7 +234,7 @@ def test_forget_withdraws_from_every_index_and_gc_purges(project):
     assert "withdrew 1 item" in out
     for t in ("cnn", "bovw", "codes"):
         res = run_json(project, "query", str(victim), "-t", t, "-k", "60")["results"]
-        assert rel not in {r["id"] for r in res}
+        assert rel not in {r["file"] for r in res}
     run(project, "gc", "--grace", "0", "--delete")
     data = b"".join(p.read_bytes() for p in (project / "store").rglob("*") if p.is_file())
     assert rel.encode() not in data

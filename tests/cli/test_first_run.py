@@ -223,9 +223,10 @@ def test_an_unknown_target_lists_the_valid_ones(built):
 def test_query_shows_its_own_labels_and_json_paths(built, tmp_path):
     q = built / "images" / "im3.png"
     out = run(built, "query", str(q), "--target", "cnn", "-k", "3")
-    assert "query im3.png: labels Nodule" in out
+    assert "query images/im3.png: labels Nodule" in out  # the file: ids are keyed hashes
     doc = json.loads(run(built, "query", str(q), "--target", "cnn", "-k", "3", "--json"))
-    assert doc["query_item"] == {"id": "im3.png", "labels": ["Nodule"]}
+    item = doc["query_item"]
+    assert (item["file"], item["labels"], len(item["id"])) == ("images/im3.png", ["Nodule"], 32)
     assert all(Path(r["path"]).is_file() for r in doc["results"])
     out = run(built, "query", str(q), "--montage", str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").stat().st_size > 0
@@ -267,7 +268,7 @@ def test_forget_is_named_by_explain_and_log(built):
     out = run(built, "explain", str(gone))
     assert "withdrawn with flow forget" in out
     out = run(built, "log", "cnn")
-    assert "withdrawn by flow forget: im0.png" in out
+    assert "withdrawn by flow forget: images/im0.png" in out  # the file, not its keyed id
 
 
 def test_a_query_against_an_empty_index_says_so(tmp_path):
@@ -311,5 +312,5 @@ def test_a_16_bit_png_of_the_same_values_finds_the_8_bit_image(built, tmp_path):
         decoded(wide.read_bytes())["pixels"], decoded(src.read_bytes())["pixels"]
     )
     doc = json.loads(run(built, "query", str(wide), "--target", "bovw", "-k", "1", "--json"))
-    assert doc["results"][0]["id"] == "im5.png"
+    assert doc["results"][0]["file"] == "images/im5.png"
     assert doc["results"][0]["distance"] < 0.01

@@ -71,10 +71,10 @@ def _assert_indexed(root: Path, image: Path, target: str) -> None:
     rel = str(image.relative_to(root))
     if target == "bovw":
         res = _query(root, image, target, k=2)
-        assert res[0]["id"] == rel and res[0]["distance"] < 1e-5, (target, res)
+        assert res[0]["file"] == rel and res[0]["distance"] < 1e-5, (target, res)
     else:
         res = _query(root, image, target, k=200, exact=True)
-        assert rel in {r["id"] for r in res}, (target, rel)
+        assert rel in {r["file"] for r in res}, (target, rel)
 
 
 def _query(root: Path, image: Path, target: str, k: int = 10, exact: bool = False) -> list[dict]:
@@ -196,7 +196,7 @@ def test_two_segments_answer_like_one_fresh_index(grown, fresh_all):
             # cosine (bovw) it finds itself first -- findings vectors rank by inner
             # product, where it need not (the reachability check below covers them)
             if t == "bovw":
-                assert a[0]["id"] == str(probe.relative_to(grown)), (t, a[0])
+                assert a[0]["file"] == str(probe.relative_to(grown)), (t, a[0])
     # every item of both segments is reachable: a query for all of them
     everything = _query(grown, new[0], "cnn", k=100, exact=True)
     assert len(everything) == N_BASE + N_NEW
@@ -507,19 +507,22 @@ def test_gc_after_forget_dry_run_keeps_the_data_delete_purges_it(base, tmp_path)
     root = _copy(base, tmp_path / "p")
     victim = sorted((root / "images").rglob("*.dcm"))[-1]
     rel = str(victim.relative_to(root))
+    # its id (a keyed hash: the path itself never reaches the store)
+    (vid,) = [r["id"] for r in _query(root, victim, "bovw", k=50) if r["file"] == rel]
+    assert rel.encode() not in _store_bytes(root)
     assert "withdrew 1 item" in run(root, "forget", str(victim))
-    assert rel not in {r["id"] for r in _query(root, victim, "cnn", k=50)}
+    assert rel not in {r.get("file") for r in _query(root, victim, "cnn", k=50)}
 
     files = _files(root)
     dry = _gc(root)
     assert not dry["deleted"] and dry["bytes"] > 0
     assert dry["dead"]["packs rewritten without forgotten items"]
     assert _files(root) == files
-    assert rel.encode() in _store_bytes(root)  # nothing purged yet
+    assert vid.encode() in _store_bytes(root)  # nothing purged yet
 
     _assert_gc_frees_what_it_reported(root, dry)
-    assert rel.encode() not in _store_bytes(root)
-    assert rel not in {r["id"] for r in _query(root, victim, "codes", k=50)}
+    assert vid.encode() not in _store_bytes(root)
+    assert rel not in {r.get("file") for r in _query(root, victim, "codes", k=50)}
     doc = run_json(root, "build")
     assert all(s["computed"] == 0 for s in doc["steps"].values()), doc["steps"]
     assert " 0 corrupt" in run(root, "verify")

@@ -239,7 +239,8 @@ def test_flow_command_with_the_store_on_s3(s3, tmp_path):
         assert doc["ok"], doc["failures"]
         assert doc["steps"]["decoded"]["computed"] == 40 and set(doc["refs"]) == {"cnn"}
         assert {"packs", "objects", "refs"} <= set(st.list(""))
-        assert not (root / ".flow").exists()  # nothing went to a local store
+        # nothing went to a local store (.flow/ holds the project's id salt only)
+        assert sorted(p.name for p in (root / ".flow").iterdir()) == ["id-salt"]
         rows = _flow(root, "status")
         assert rows and all(r["stale"] == 0 for r in rows), rows
         again = _flow(root, "build")
@@ -247,7 +248,7 @@ def test_flow_command_with_the_store_on_s3(s3, tmp_path):
         probe = next((root / "images").rglob("*.dcm"))
         # findings vectors rank by inner product: the probe is among all 40 results
         hits = _flow(root, "query", str(probe), "-t", "cnn", "-k", "40")["results"]
-        assert len(hits) == 40 and str(probe.relative_to(root)) in {h["id"] for h in hits}
+        assert len(hits) == 40 and str(probe.relative_to(root)) in {h["file"] for h in hits}
         # --store picks another S3 store; the project's [store] options still apply
         rows = _flow(root, "--store", s3.url("other"), "status")
         assert all(r["fresh"] == 0 for r in rows if r["kind"] == "item"), rows
