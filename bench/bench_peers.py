@@ -269,6 +269,47 @@ class _Cmd:
         pass
 
 
+class _FlowWatched(_Cmd):
+    """``flow build`` with a ``flow watch`` of the project running (after the full
+    build): the command hands over to it (app.handoff), as on a project kept fresh
+    by a watcher.  The watcher never builds by itself (settle: an hour)."""
+
+    def __init__(self, name: str, folder: Path, cmd: list[str], env: dict | None, watch: list):
+        super().__init__(name, folder, cmd, env)
+        self.watch_cmd, self.proc = watch, None
+
+    def run(self) -> float:
+        dt = super().run()
+        if self.proc is None:  # the full build ran cold; from now on, a watcher
+            self._start()
+        return dt
+
+    def _start(self) -> None:
+        from app.handoff import socket_path
+
+        log = open(self.folder / "watch.log", "wb")  # noqa: SIM115 - the watcher's
+        self.proc = subprocess.Popen(
+            [*self.watch_cmd, "-v", "watch", "--settle", "3600", "--interval", "0.5"],
+            cwd=self.folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        sock = socket_path(str(self.folder / "flow.toml"))
+        deadline = time.monotonic() + 300
+        while not (sock.exists() and b" computed in " in (self.folder / "watch.log").read_bytes()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.folder / "watch.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            handed = (self.folder / "watch.log").read_text(errors="replace").count("handed over")
+            print(f"  {self.name}: {handed} builds handed over to flow watch", flush=True)
+
+
 class _FlowInProc:
     """``Workspace.build`` with one long-lived local cluster (as ``flow watch``)."""
 
@@ -399,6 +440,10 @@ def _tools(root: Path, images: Path, weights: Path, args) -> tuple[list, dict]:
         _flow_project(root / "flow-threads", images, weights)
         cmd = [*flow_cmd, "build", "index", "--scheduler", "threads", "--workers", "2"]
         tools.append(_Cmd("flow-threads", root / "flow-threads", cmd, flow_env))
+    if "flow-watch" in want:
+        _flow_project(root / "flow-watch", images, weights)
+        cmd = [*flow_cmd, "build", "index", "--workers", "2"]
+        tools.append(_FlowWatched("flow-watch", root / "flow-watch", cmd, flow_env, flow_cmd))
     if "flow-inproc" in want:
         _flow_project(root / "flow-inproc", images, weights)
         tools.append(_FlowInProc(root / "flow-inproc"))
@@ -597,7 +642,8 @@ def main() -> None:
     ap.add_argument(
         "--tools",
         default="flow,flow-threads,flow-inproc,redun,snakemake",
-        help="comma-separated subset of flow,flow-threads,flow-inproc,redun,snakemake",
+        help="comma-separated subset of flow,flow-threads,flow-inproc,flow-watch,redun,snakemake "
+        "(flow-watch: flow build handed over to a running flow watch)",
     )
     ap.add_argument(
         "--setup-peers",
